@@ -1,0 +1,173 @@
+"""The ``tokencache`` command line: thin parsing around the library.
+
+Every subcommand has ``--help``; long work shows a progress bar; ``--json`` prints a
+machine-readable result; a user mistake ends with one line ``tokencache: error: …`` (exit 2)
+instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import tokencache  # noqa: F401  (makes torchvision importable beside CPU torch)
+
+#: Errors that mean "the user asked for something wrong or missing": printed as one line.
+#: Set TOKENCACHE_DEBUG=1 to see the traceback instead.
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["hidden_size=64", "learn_sigma=false"]`` → {"hidden_size": 64, "learn_sigma": False}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = _parse_value(raw.strip())
+    return out
+
+
+def _parse_value(raw: str):
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _emit(result: dict, as_json: bool, human: str) -> None:
+    print(json.dumps(result, indent=2) if as_json else human)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_models(args) -> None:
+    from tokencache.models.registry import FAMILIES, PRESETS
+
+    rows = {name: {"family": fam, **kw} for name, (fam, kw) in PRESETS.items()}
+    if args.json:
+        print(json.dumps({"presets": rows, "families": list(FAMILIES)}, indent=2))
+        return
+    print(f"{'preset':<14} {'family':<6} depth hidden heads patch  extra")
+    for name, row in rows.items():
+        extra = {k: v for k, v in row.items() if k not in ("family", "depth", "hidden_size", "num_heads", "patch_size")}
+        print(f"{name:<14} {row['family']:<6} {row['depth']:>5} {row['hidden_size']:>6} {row['num_heads']:>5} "
+              f"{row['patch_size']:>5}  {extra or ''}")
+    print(f"families (all keywords explicit): {', '.join(FAMILIES)}")
+
+
+def cmd_download(args) -> None:
+    from tokencache.models.checkpoints import OFFICIAL_WEIGHTS, download_official
+
+    names = list(OFFICIAL_WEIGHTS) if args.name == "all" else [args.name]
+    for name in names:
+        path = download_official(name, args.dir, progress=not args.quiet)
+        print(path)
+
+
+def cmd_train_backbone(args) -> None:
+    from tokencache.train import TrainConfig, train_backbone
+
+    cfg = TrainConfig(model=args.model, overrides=parse_overrides(args.set), steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise ValueError("--steps and --batch-size must be ≥ 1 and --lr > 0")
+    log_path = Path(args.out).with_suffix(".log.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        summary = train_backbone(cfg, args.out, progress=not args.quiet, log=log)
+    _emit({"checkpoint": str(args.out), **summary}, args.json,
+          f"wrote {args.out}: {summary['steps']} steps in {summary['seconds']} s, final loss {summary['final_loss']:.4f}")
+
+
+def cmd_sample(args) -> None:
+    from tokencache.run import SampleRequest, run_sampling
+
+    request = SampleRequest(
+        model=args.model, checkpoint=args.checkpoint, overrides=parse_overrides(args.model_set),
+        sampler=args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, num_samples=args.num_samples,
+        batch_size=args.batch_size, seed=args.seed, start_index=args.start_index, out=args.out, vae=args.vae,
+        device=args.device, clip_denoised=args.clip_denoised,
+    )
+    summary = run_sampling(request, progress=not args.quiet)
+    _emit(summary, args.json, f"wrote {summary['num_samples']} samples to {args.out} in {summary['seconds']} s")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokencache", description=__doc__.splitlines()[0] + " See README.md.")
+    parser.add_argument("--version", action="version", version=f"tokencache {tokencache.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("models", cmd_models, "list model presets (DiT, MDT, MDTv2 and the digits testbed)")
+
+    p = add("download", cmd_download, "download official checkpoints (needs internet)")
+    p.add_argument("name", help="file name (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt, mdt_xl2_v1_ckpt.pt, "
+                               "mdt_xl2_v2_ckpt.pt) or 'all'")
+    p.add_argument("--dir", default="checkpoints", help="target folder (default: checkpoints)")
+
+    p = add("train-backbone", cmd_train_backbone, "train a digits testbed backbone (DiT or MDTv2) on the CPU")
+    p.add_argument("--model", default="DiT-digits", help="preset or family (default: DiT-digits)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model constructor overrides")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: 1200)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: 2e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", required=True, help="checkpoint path (.pt)")
+
+    p = add("sample", cmd_sample, "sample images to an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels)")
+    p.add_argument("--model", default=None, help="preset or family; default: the one recorded in the checkpoint")
+    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE", help="model constructor overrides")
+    p.add_argument("--checkpoint", required=True, help="official .pt or a train-backbone checkpoint")
+    p.add_argument("--sampler", default="ddim50", help="ddpm<N> or ddim<N> (default: ddim50)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--scale-pow", type=float, default=4.0, help="MDT's power-cosine guidance exponent")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="run seed: sample i's label and noise depend on (seed, i)")
+    p.add_argument("--start-index", type=int, default=0, help="first sample index (for shards)")
+    p.add_argument("--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)")
+    p.add_argument("--vae", default="ema", help="latent models: ema, mse, or a local AutoencoderKL folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--out", required=True, help="output .npz")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print("tokencache: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if os.environ.get("TOKENCACHE_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"tokencache: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

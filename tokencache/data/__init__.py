@@ -1,0 +1,4 @@
+"""Data: the digits testbed and the ADM sample/reference npz format."""
+from tokencache.data.digits import DigitsSplit, load_digits_dataset, digits_to_uint8
+
+__all__ = ["DigitsSplit", "load_digits_dataset", "digits_to_uint8"]

@@ -1,0 +1,171 @@
+"""Loading and fetching checkpoints in the official formats.
+
+Official DiT / MDT files are plain state dicts; training checkpoints (DiT's ``train.py``, and
+this package's ``train-backbone``) are dicts with "model", "ema" and more, where the EMA weights
+are the ones to sample with. A mismatch fails with one message naming the missing and unexpected
+keys and the preset whose layout would fit.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model, or cannot be read."""
+
+
+@dataclass(frozen=True)
+class OfficialWeights:
+    filename: str
+    url: str
+    preset: str
+    overrides: dict
+    sha256: Optional[str]  # None where no checksum is published; the file's hash is then printed
+
+
+OFFICIAL_WEIGHTS = {
+    "DiT-XL-2-256x256.pt": OfficialWeights(
+        "DiT-XL-2-256x256.pt", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt",
+        "DiT-XL/2", {"input_size": 32}, None),
+    "DiT-XL-2-512x512.pt": OfficialWeights(
+        "DiT-XL-2-512x512.pt", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
+        "DiT-XL/2", {"input_size": 64}, None),
+    "mdt_xl2_v1_ckpt.pt": OfficialWeights(
+        "mdt_xl2_v1_ckpt.pt", "https://huggingface.co/shgao/MDT-XL2/resolve/main/mdt_xl2_v1_ckpt.pt",
+        "MDT-XL/2", {"input_size": 32, "decode_layer": 2}, None),
+    "mdt_xl2_v2_ckpt.pt": OfficialWeights(
+        "mdt_xl2_v2_ckpt.pt", "https://huggingface.co/shgao/MDT-XL2/resolve/main/mdt_xl2_v2_ckpt.pt",
+        "MDTv2-XL/2", {"input_size": 32, "decode_layer": 4}, None),
+}
+
+
+def extract_state_dict(obj) -> dict:
+    """The weights to sample with from whatever ``torch.load`` returned: EMA first, then model."""
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        return obj["ema"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"]
+    if isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
+        return obj
+    raise CheckpointError("not a state dict nor a training checkpoint with 'ema' or 'model'")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """``torch.load`` on CPU with a one-line error for missing or unreadable files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def suggest_preset(state_dict: dict) -> Optional[str]:
+    """The preset (+ input size) whose parameter layout matches ``state_dict``, if any."""
+    from tokencache.models.registry import PRESETS, create_model
+
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    pos = shapes.get("pos_embed")
+    proj = shapes.get("x_embedder.proj.weight")
+    if pos is None or proj is None:
+        return None
+    hidden, patch, in_ch = pos[2], proj[2], proj[1]
+    grid = int(round(pos[1] ** 0.5))
+    depth_keys = {k.split(".")[1] for k in shapes if k.startswith(("blocks.", "en_inblocks.", "en_outblocks.", "de_blocks."))}
+    if any(k.startswith("en_inblocks.") for k in shapes):
+        family = "MDTv2"
+        decode = len({k.split(".")[1] for k in shapes if k.startswith("de_blocks.")})
+        depth = 2 * len({k.split(".")[1] for k in shapes if k.startswith("en_inblocks.")}) + decode
+    else:
+        family = "MDT" if "mask_token" in shapes else "DiT"
+        depth, decode = len(depth_keys), None
+    for name, (fam, kw) in PRESETS.items():
+        if fam == family and kw["hidden_size"] == hidden and kw["patch_size"] == patch and kw["depth"] == depth:
+            size = f"input_size={grid * patch}" + (f", in_channels={in_ch}" if in_ch != 4 else "")
+            return f"{name} ({size})"
+    extra = f", decode_layer={decode}" if decode else ""
+    return f"{family} (hidden_size={hidden}, depth={depth}, patch_size={patch}, input_size={grid * patch}{extra})"
+
+
+def load_checkpoint(model: nn.Module, path_or_state, strict: bool = True) -> nn.Module:
+    """Load official or training-checkpoint weights into ``model`` (in place; returns it).
+
+    Accepts a path or an already loaded object. On any key or shape mismatch raises
+    :class:`CheckpointError` naming missing/unexpected/mis-shaped keys and the fitting preset.
+    """
+    obj = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else path_or_state
+    state = extract_state_dict(obj)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if strict and (missing or unexpected or shape):
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''} ({len(keys)})")
+        hint = suggest_preset(state)
+        fit = f"; the checkpoint fits {hint}" if hint else ""
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: {'; '.join(parts)}{fit}")
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_official(filename: str, folder: str | os.PathLike, progress: bool = True) -> Path:
+    """Download one of :data:`OFFICIAL_WEIGHTS` into ``folder`` (atomic: temp file, then rename).
+
+    Skips the download if the file exists (verifying the checksum where one is known). Needs
+    internet; nothing in the test suite calls it.
+    """
+    if filename not in OFFICIAL_WEIGHTS:
+        raise CheckpointError(f"unknown official file {filename!r}; known: {', '.join(OFFICIAL_WEIGHTS)}")
+    spec = OFFICIAL_WEIGHTS[filename]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / filename
+    if not target.exists():
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".part")
+        os.close(fd)
+        try:
+            _fetch(spec.url, tmp, progress)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    digest = sha256_of(target)
+    if spec.sha256 and digest != spec.sha256:
+        raise CheckpointError(f"{target}: sha256 {digest} does not match the published {spec.sha256}; delete it and retry")
+    return target
+
+
+def _fetch(url: str, dest: str, progress: bool) -> None:
+    from tqdm import tqdm
+
+    try:
+        with urllib.request.urlopen(url) as response, open(dest, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, desc=os.path.basename(dest),
+                      disable=not progress) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    bar.update(len(block))
+    except OSError as exc:
+        raise CheckpointError(f"cannot download {url}: {exc}; download it by hand and pass its path") from exc

@@ -1,0 +1,347 @@
+"""Building blocks shared by DiT and MDT, written so a caching engine can drive them.
+
+Everything here is numerically the official DiT / MDT code (facebookresearch/DiT ``models.py``,
+sail-sg/MDT ``masked_diffusion/models.py``, which build on timm's ``PatchEmbed``, ``Attention``
+and ``Mlp``); the state-dict names and shapes are theirs. Two things are added, both inert unless
+used:
+
+* :class:`Attention` takes ``query_index`` — queries for a subset of tokens against keys and
+  values of *all* tokens — and can return its attention probabilities. A token-caching method
+  uses the first to recompute chosen tokens exactly, the second to score tokens (ToCa).
+* :class:`TransformerBlock` exposes its two residual branches (attention, MLP) as functions of
+  the block input and an optional token subset, each returning the branch output *before* the
+  adaLN gate. If the model has a cache context attached, every branch and every block goes
+  through it (``ctx.branch`` / ``ctx.block``); with none, the block is the official forward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BranchFn = Callable[..., torch.Tensor]
+
+
+class CacheContext(Protocol):
+    """What a model asks of a caching engine. Implemented in :mod:`tokencache.cache`.
+
+    ``branch(block, name, fn, x)`` must return ``fn(x)``'s value (the pre-gate output of branch
+    ``name`` of block ``block`` for all tokens), computed, reused or partly recomputed as the
+    attached method decides. ``fn(x, tokens)`` computes the branch for the token subset
+    ``tokens`` (B, k) only. ``block(index, fn, x)`` must return ``fn(x)``, the block's output.
+    """
+
+    def branch(self, block: int, name: str, fn: BranchFn, x: torch.Tensor) -> torch.Tensor: ...
+
+    def block(self, index: int, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor: ...
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation x·(1 + scale) + shift, per sample, broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), index (B, k) → (B, k, D): the tokens ``index`` of each sample."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# --------------------------------------------------------------------------- embedders
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) → tokens (B, N, D) by a stride-p convolution (timm's PatchEmbed)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """t → 256-d sinusoid ([cos, sin], max period 10000) → Linear → SiLU → Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label → vector; row ``num_classes`` is the null class of classifier-free guidance.
+
+    In training, labels are replaced by the null class with probability ``dropout_prob``.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT relative position bias as MDT uses it: a learned (2w−1)²+3 × heads table.
+
+    ``forward()`` returns the (heads, N, N) bias added to the attention logits. The three extra
+    rows are BEiT's class-token entries, unused here but part of the checkpoint layout.
+    """
+
+    def __init__(self, window: int, num_heads: int):
+        super().__init__()
+        self.window = window
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2 + 3, num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+        index = (rel[..., 0] + window - 1) * (2 * window - 1) + (rel[..., 1] + window - 1)
+        self.register_buffer("relative_position_index", index)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self) -> torch.Tensor:
+        n = self.window**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (timm layout: ``qkv``, ``proj``), optional relative bias (MDT).
+
+    ``forward(x, query_index=None, token_ids=None, return_attention=False)``:
+
+    * ``query_index`` (B, k): compute outputs only for these tokens of ``x``; keys and values
+      still come from all tokens, so each chosen token gets exactly its full-computation value.
+      Only the query rows of the qkv projection are computed for them.
+    * ``token_ids`` (B, n): positions of ``x``'s tokens in the full grid when ``x`` holds only
+      some of them (MDT's masked training); selects the matching relative-bias entries.
+    * ``return_attention``: also return the softmax probabilities (B, heads, q, n); this path
+      uses an explicit softmax, the others use fused ``scaled_dot_product_attention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_window: Optional[int] = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias = RelativePositionBias(rel_pos_window, num_heads) if rel_pos_window else None
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _bias(self, batch: int, query_index, token_ids) -> Optional[torch.Tensor]:
+        if self.rel_pos_bias is None:
+            return None
+        bias = self.rel_pos_bias()  # (H, N, N)
+        if token_ids is None and query_index is None:
+            return bias.unsqueeze(0)
+        bias = bias.unsqueeze(0).expand(batch, -1, -1, -1)
+        heads = bias.shape[1]
+        if token_ids is not None:
+            rows = token_ids[:, None, :, None].expand(-1, heads, -1, bias.shape[-1])
+            bias = torch.gather(bias, 2, rows)
+            cols = token_ids[:, None, None, :].expand(-1, heads, bias.shape[2], -1)
+            bias = torch.gather(bias, 3, cols)
+        if query_index is not None:
+            rows = query_index[:, None, :, None].expand(-1, heads, -1, bias.shape[-1])
+            bias = torch.gather(bias, 2, rows)
+        return bias
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        query_index: Optional[torch.Tensor] = None,
+        token_ids: Optional[torch.Tensor] = None,
+        return_attention: bool = False,
+    ):
+        b, n, d = x.shape
+        if query_index is None:
+            q, k, v = self.qkv(x).split(d, dim=-1)
+        else:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(gather_tokens(x, query_index), weight[:d], None if bias is None else bias[:d])
+            k, v = F.linear(x, weight[d:], None if bias is None else bias[d:]).split(d, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        attn_bias = self._bias(b, query_index, token_ids)
+        if return_attention:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_bias is not None:
+                logits = logits + attn_bias
+            probs = logits.softmax(dim=-1)
+            out = probs @ v
+        else:
+            mask = None if attn_bias is None else attn_bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.proj(out.transpose(1, 2).reshape(b, -1, d))
+        return (out, probs) if return_attention else out
+
+
+class Mlp(nn.Module):
+    """fc1 → GELU(tanh) → fc2, hidden 4·D (timm's Mlp as DiT configures it)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class TransformerBlock(nn.Module):
+    """adaLN-Zero block of DiT; with ``rel_pos_window`` and ``skip`` it is MDT's block.
+
+    Output = x + gate_msa·Attn(modulate(LN(x))) then + gate_mlp·MLP(modulate(LN(x))). With
+    ``skip`` (MDTv2's long skips), the input is first ``skip_linear(cat[x, skip])``.
+    ``attn_branch``/``mlp_branch`` return the pre-gate branch outputs (what caching methods
+    store and re-gate with the current step's gates).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 rel_pos_window: Optional[int] = None, skip: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, rel_pos_window=rel_pos_window)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
+
+    def forward(self, x, c, skip=None, token_ids=None, ctx: Optional[CacheContext] = None, index: int = 0):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+
+        def attn_branch(h, tokens=None, return_attention=False):
+            return self.attn(modulate(self.norm1(h), shift_msa, scale_msa), query_index=tokens,
+                             token_ids=token_ids, return_attention=return_attention)
+
+        def mlp_branch(h, tokens=None):
+            if tokens is not None:
+                h = gather_tokens(h, tokens)
+            return self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+
+        if ctx is None:
+            x = x + gate_msa.unsqueeze(1) * attn_branch(x)
+            return x + gate_mlp.unsqueeze(1) * mlp_branch(x)
+        x = x + gate_msa.unsqueeze(1) * ctx.branch(index, "attn", attn_branch, x)
+        return x + gate_mlp.unsqueeze(1) * ctx.branch(index, "mlp", mlp_branch, x)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm → adaLN (shift, scale) → Linear to p²·out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# --------------------------------------------------------------------------- position embeddings
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos embedding (grid_size², embed_dim), float64.
+
+    Half of the channels encode the column coordinate, half the row ("w goes first" in MAE's
+    meshgrid, whose first output is then used for the first half), each as [sin, cos] over
+    frequencies 1/10000^(2i/d).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embedding needs hidden size divisible by 4, got {embed_dim}")
+    coords = np.arange(grid_size, dtype=np.float32)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # first output varies along columns
+
+    def embed_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([embed_1d(embed_dim // 2, grid_w), embed_1d(embed_dim // 2, grid_h)], axis=1)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Tokens (B, N, p²·C) → image (B, C, H, W) on a square grid."""
+    b, n, _ = x.shape
+    h = int(round(n**0.5))
+    if h * h != n:
+        raise ValueError(f"{n} tokens do not form a square grid")
+    x = x.reshape(b, h, h, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, h * patch_size, h * patch_size)
+
+
+def guided_channels(in_channels: int) -> int:
+    """How many output channels classifier-free guidance applies to.
+
+    The official DiT and MDT code guide only the first 3 of the 4 latent eps channels ("for
+    exact reproducibility reasons"); we keep that for 4-channel models so outputs match the
+    official checkpoints. For other layouts (e.g. the 1-channel pixel-space digits testbed),
+    "the first 3 channels" would mix eps with the variance output, so all eps channels are
+    guided there.
+    """
+    return 3 if in_channels == 4 else in_channels
+
+
+def xavier_init_linears(module: nn.Module) -> None:
+    """DiT's basic init: xavier-uniform weights and zero biases for every Linear."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -1,0 +1,59 @@
+"""The Stable Diffusion VAE of latent DiT/MDT, and each model's image → uint8 convention.
+
+DiT and MDT generate 4×32×32 (256 px) or 4×64×64 (512 px) latents decoded by diffusers'
+``AutoencoderKL`` (``stabilityai/sd-vae-ft-ema``; DiT's ``sample.py`` defaults to ``-mse``, its
+FID runs use ``-ema``). Latents are scaled by 0.18215. The uint8 conversion differs between the
+two codebases and moves FID slightly, so it follows each model's original:
+
+* DiT (``sample_ddp.py``): ``clamp(127.5·x + 128, 0, 255)`` (rounds half up),
+* MDT (``scripts/image_sample.py``): ``((x + 1)·127.5).clamp(0, 255)`` (truncates).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+LATENT_SCALE = 0.18215
+VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def load_vae(variant_or_path: str = "ema", device: str | torch.device = "cpu"):
+    """diffusers AutoencoderKL from a local folder or the hub ("ema" / "mse" / a repo id).
+
+    Offline and without a local copy this fails with one line saying where to put the files.
+    """
+    from diffusers.models import AutoencoderKL
+
+    source = VAE_REPOS.get(variant_or_path, variant_or_path)
+    try:
+        vae = AutoencoderKL.from_pretrained(source)
+    except Exception as exc:  # hub errors come in many types
+        raise RuntimeError(
+            f"cannot load the VAE {source!r} ({type(exc).__name__}); download it with "
+            f"`huggingface-cli download {VAE_REPOS['ema']} --local-dir vae-ema` and pass --vae vae-ema"
+        ) from exc
+    return vae.to(device).eval()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (B, 4, h, w) → images in [-1, 1] (B, 3, 8h, 8w)."""
+    return vae.decode(latents / LATENT_SCALE).sample
+
+
+def images_to_uint8(images: torch.Tensor, family: str) -> np.ndarray:
+    """Images in [-1, 1] (B, C, H, W) → uint8 (B, H, W, 3) by the family's original rule.
+
+    One-channel (pixel-space testbed) images are repeated to 3 channels, the ADM npz layout.
+    """
+    if family == "DiT":
+        u8 = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
+    elif family in ("MDT", "MDTv2"):
+        u8 = ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    else:
+        raise ValueError(f"no uint8 convention for family {family!r}")
+    u8 = u8.permute(0, 2, 3, 1)
+    if u8.shape[-1] == 1:
+        u8 = u8.repeat(1, 1, 1, 3)
+    return u8.cpu().numpy()
+

@@ -1,0 +1,119 @@
+"""One sampling run: build the model from its checkpoint, sample in batches, write npz + JSON.
+
+Sample ``i`` of a run is fully determined by ``(seed, i)`` (see :mod:`tokencache.sampling`), so a
+run split into shards by ``start_index`` gives the same images as one run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tokencache.data.npz import save_samples_npz
+from tokencache.models.checkpoints import OFFICIAL_WEIGHTS, extract_state_dict, load_checkpoint, read_checkpoint
+from tokencache.models.registry import create_model
+from tokencache.models.vae import decode_latents, images_to_uint8, load_vae
+from tokencache.sampling import draw_labels, generate, parse_sampler, sample_generators
+
+
+@dataclass
+class SampleRequest:
+    """What ``tokencache sample`` was asked for."""
+
+    checkpoint: str
+    out: str
+    model: Optional[str] = None
+    overrides: dict = field(default_factory=dict)
+    sampler: str = "ddim50"
+    cfg_scale: float = 1.5
+    scale_pow: float = 4.0
+    num_samples: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    start_index: int = 0
+    vae: str = "ema"
+    device: str = "auto"
+    clip_denoised: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def build_model(checkpoint: str, model: Optional[str] = None, overrides: Optional[dict] = None):
+    """The model a checkpoint belongs to, weights loaded (EMA where present), in eval mode.
+
+    The architecture comes from ``model`` + ``overrides`` if given, else from the checkpoint's
+    recorded ``args["model_config"]`` (train-backbone checkpoints), else from the file name of
+    an official checkpoint.
+    """
+    obj = read_checkpoint(checkpoint)
+    overrides = dict(overrides or {})
+    if model is None:
+        recorded = obj.get("args", {}).get("model_config") if isinstance(obj, dict) else None
+        official = OFFICIAL_WEIGHTS.get(os.path.basename(checkpoint))
+        if isinstance(recorded, dict):
+            recorded = dict(recorded)
+            model = recorded.pop("name")
+            recorded.pop("family", None)
+            overrides = {**recorded, **overrides}
+        elif official is not None:
+            model, overrides = official.preset, {**official.overrides, **overrides}
+        else:
+            raise ValueError(f"{checkpoint} records no architecture: pass --model (e.g. DiT-XL/2)")
+    net = create_model(model, **overrides)
+    load_checkpoint(net, extract_state_dict(obj))
+    return net.eval().requires_grad_(False)
+
+
+def run_sampling(req: SampleRequest, progress: bool = True) -> dict:
+    """Sample ``req.num_samples`` images to ``req.out`` (npz) and ``<out>.json``; return the summary."""
+    if req.num_samples < 1 or req.batch_size < 1 or req.start_index < 0:
+        raise ValueError("--num-samples and --batch-size must be ≥ 1 and --start-index ≥ 0")
+    sampler = parse_sampler(req.sampler)
+    device = resolve_device(req.device)
+    model = build_model(req.checkpoint, req.model, req.overrides).to(device)
+    latent = model.in_channels == 4
+    vae = load_vae(req.vae, device) if latent else None
+    diffusion = sampler.diffusion()
+    images, labels = [], []
+    start = time.perf_counter()
+    indices = range(req.start_index, req.start_index + req.num_samples)
+    bar = tqdm(total=req.num_samples, desc=f"sample {sampler.name}", unit="img", disable=not progress)
+    for lo in range(0, req.num_samples, req.batch_size):
+        batch = list(indices[lo: lo + req.batch_size])
+        gens = sample_generators(req.seed, batch)
+        y = draw_labels(gens, model.num_classes)
+        x = generate(model, sampler, y, gens, cfg_scale=req.cfg_scale, scale_pow=req.scale_pow,
+                     diffusion=diffusion, clip_denoised=req.clip_denoised)
+        if not torch.isfinite(x).all():
+            raise RuntimeError(f"non-finite values in samples {batch[0]}…{batch[-1]}: the run is broken, not saved")
+        if vae is not None:
+            x = decode_latents(vae, x)
+        images.append(images_to_uint8(x, model.config["family"]))
+        labels.append(y.numpy())
+        bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - start
+    save_samples_npz(req.out, np.concatenate(images), np.concatenate(labels))
+    summary = {"num_samples": req.num_samples, "seconds": round(seconds, 2), "request": asdict(req),
+               "model_config": model.config, "steps": sampler.steps, "device": str(device)}
+    write_json_atomic(Path(req.out).with_suffix(".json"), summary)
+    return summary
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
