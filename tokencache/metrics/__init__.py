@@ -1,0 +1,19 @@
+"""Metrics: sample quality (ADM evaluator definitions) and one-to-one fidelity to the full model.
+
+Importing this package does not load torch-fidelity; it is imported when features are extracted.
+"""
+from tokencache.metrics.features import extract_features
+from tokencache.metrics.fid import feature_statistics, frechet_distance, inception_score, precision_recall
+from tokencache.metrics.fidelity import psnr, ssim
+from tokencache.metrics.quality import evaluate_quality
+
+__all__ = [
+    "evaluate_quality",
+    "extract_features",
+    "feature_statistics",
+    "frechet_distance",
+    "inception_score",
+    "precision_recall",
+    "psnr",
+    "ssim",
+]
