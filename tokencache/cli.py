@@ -103,6 +103,49 @@ def cmd_sample(args) -> None:
     _emit(summary, args.json, f"wrote {summary['num_samples']} samples to {args.out} in {summary['seconds']} s")
 
 
+def cmd_merge(args) -> None:
+    from tokencache.run import merge_shards
+
+    summary = merge_shards(args.shards, args.out)
+    _emit(summary, args.json, f"merged {summary['shards']} shards, {summary['num_samples']} samples → {args.out}")
+
+
+def cmd_train_evaluator(args) -> None:
+    from tokencache.metrics.digits_evaluator import train_digits_evaluator
+
+    net = train_digits_evaluator(args.out, seed=args.seed)
+    _emit({"evaluator": str(args.out), **net.meta}, args.json,
+          f"wrote {args.out}: held-out accuracy {net.meta['test_accuracy']:.4f}")
+
+
+def cmd_reference(args) -> None:
+    from tokencache.data.digits import digits_to_uint8, load_digits_dataset
+    from tokencache.data.npz import load_samples_npz, save_reference_batch, sha256_file
+
+    if args.images:
+        images, _ = load_samples_npz(args.images)
+        source = args.images
+    else:
+        images, source = digits_to_uint8(load_digits_dataset("test").images), "digits test split"
+    save_reference_batch(args.out, images, extractor=args.features, weights_path=args.weights)
+    result = {"reference": str(args.out), "images": source, "num_images": int(len(images)),
+              "features": args.features, "sha256": sha256_file(args.out)}
+    _emit(result, args.json, f"wrote {args.out}: {len(images)} images from {source} ({args.features} features)")
+
+
+def cmd_evaluate(args) -> None:
+    from tokencache.metrics.quality import evaluate_quality
+    from tokencache.run import write_json_atomic
+
+    result = evaluate_quality(args.samples, args.reference, features=args.features, weights_path=args.weights,
+                              batch_size=args.batch_size, device=None if args.device == "auto" else args.device)
+    if args.out:
+        write_json_atomic(Path(args.out), result)
+    human = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "sfid", "inception_score", "precision", "recall",
+                                                        "class_consistency") if result.get(k) is not None)
+    _emit(result, args.json, f"{result['num_samples']} samples: {human}")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -150,6 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default="ema", help="latent models: ema, mse, or a local AutoencoderKL folder")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--out", required=True, help="output .npz")
+
+    p = add("train-evaluator", cmd_train_evaluator, "train the digits CNN that plays Inception's role on the testbed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="evaluator checkpoint (.pt)")
+
+    p = add("reference", cmd_reference, "write an ADM-style reference batch (mu, sigma, mu_s, sigma_s, arr_0)")
+    p.add_argument("--images", default=None, help="images npz (arr_0 uint8 NHWC); default: the digits test split")
+    p.add_argument("--features", choices=["inception", "digits"], default="digits")
+    p.add_argument("--weights", default=None, help="Inception weights file, or the digits evaluator .pt")
+    p.add_argument("--out", required=True, help="reference .npz")
+
+    p = add("evaluate", cmd_evaluate, "FID, sFID, IS, precision/recall (ADM definitions) of a sample npz")
+    p.add_argument("samples", help="sample .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    p.add_argument("--reference", required=True, help="ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception")
+    p.add_argument("--weights", default=None, help="Inception weights file (offline) or the digits evaluator .pt")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+
+    p = add("merge", cmd_merge, "merge sampling shards (npz + their JSON) of one run, in sample order")
+    p.add_argument("shards", nargs="+", help="shard .npz files (each with its .json beside it)")
+    p.add_argument("--out", required=True, help="merged .npz")
     return parser
 
 

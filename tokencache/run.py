@@ -17,7 +17,13 @@ import torch
 from tqdm import tqdm
 
 from tokencache.data.npz import save_samples_npz
-from tokencache.models.checkpoints import OFFICIAL_WEIGHTS, extract_state_dict, load_checkpoint, read_checkpoint
+from tokencache.models.checkpoints import (
+    OFFICIAL_WEIGHTS,
+    extract_state_dict,
+    load_checkpoint,
+    read_checkpoint,
+    sha256_of,
+)
 from tokencache.models.registry import create_model
 from tokencache.models.vae import decode_latents, images_to_uint8, load_vae
 from tokencache.sampling import draw_labels, generate, parse_sampler, sample_generators
@@ -108,7 +114,8 @@ def run_sampling(req: SampleRequest, progress: bool = True) -> dict:
     seconds = time.perf_counter() - start
     save_samples_npz(req.out, np.concatenate(images), np.concatenate(labels))
     summary = {"num_samples": req.num_samples, "seconds": round(seconds, 2), "request": asdict(req),
-               "model_config": model.config, "steps": sampler.steps, "device": str(device)}
+               "model_config": model.config, "checkpoint_sha256": sha256_of(req.checkpoint),
+               "steps": sampler.steps, "device": str(device), "torch": torch.__version__}
     write_json_atomic(Path(req.out).with_suffix(".json"), summary)
     return summary
 
@@ -117,3 +124,38 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.part")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def merge_shards(paths: list[str], out: str) -> dict:
+    """Concatenate sampling shards (npz + their JSON) in sample-index order into one npz.
+
+    Refuses gaps, overlaps and shards of different runs (model, sampler, seed, method), so a
+    merged file is always exactly samples start…end of one run.
+    """
+    from tokencache.data.npz import load_samples_npz
+
+    shards = []
+    for path in paths:
+        meta_path = Path(path).with_suffix(".json")
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"shard {path} has no {meta_path.name}: it was not finished; rerun it")
+        shards.append((json.loads(meta_path.read_text()), path))
+    shards.sort(key=lambda item: item[0]["request"]["start_index"])
+    identity = {k: v for k, v in shards[0][0]["request"].items() if k not in ("start_index", "num_samples", "out")}
+    expected = shards[0][0]["request"]["start_index"]
+    images, labels = [], []
+    for meta, path in shards:
+        req = meta["request"]
+        if {k: v for k, v in req.items() if k not in ("start_index", "num_samples", "out")} != identity:
+            raise ValueError(f"shard {path} belongs to another run than {shards[0][1]}")
+        if req["start_index"] != expected:
+            raise ValueError(f"shards leave a gap or overlap at sample {expected} (next shard starts at {req['start_index']})")
+        expected += req["num_samples"]
+        arrays = load_samples_npz(path)
+        images.append(arrays[0])
+        labels.append(arrays[1])
+    save_samples_npz(out, np.concatenate(images), np.concatenate(labels))
+    return {"num_samples": int(sum(len(x) for x in labels)), "shards": len(shards),
+            "seconds": round(sum(m["seconds"] for m, _ in shards), 2), "request": identity,
+            "model_config": shards[0][0]["model_config"], "checkpoint_sha256": shards[0][0]["checkpoint_sha256"],
+            "steps": shards[0][0]["steps"]}

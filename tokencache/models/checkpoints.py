@@ -29,7 +29,7 @@ class OfficialWeights:
     url: str
     preset: str
     overrides: dict
-    sha256: Optional[str]  # None where no checksum is published; the file's hash is then printed
+    sha256: Optional[str]  # None where no checksum is published; results record the file's sha256
 
 
 OFFICIAL_WEIGHTS = {
@@ -67,34 +67,81 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever torch says
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from exc
 
 
-def suggest_preset(state_dict: dict) -> Optional[str]:
-    """The preset (+ input size) whose parameter layout matches ``state_dict``, if any."""
-    from tokencache.models.registry import PRESETS, create_model
+def _layout_of(state_dict: dict) -> Optional[tuple[str, dict]]:
+    """(family, constructor keywords) read off a state dict's shapes; None if it is not a DiT/MDT.
 
+    ``num_heads`` is only recoverable for MDT (relative-bias table); ``num_classes`` assumes
+    the null-class row of classifier-free guidance (``class_dropout_prob > 0``).
+    """
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     pos = shapes.get("pos_embed")
     proj = shapes.get("x_embedder.proj.weight")
-    if pos is None or proj is None:
+    if pos is None or proj is None or len(pos) != 3 or len(proj) != 4:
         return None
-    hidden, patch, in_ch = pos[2], proj[2], proj[1]
+    hidden, in_ch, patch = pos[2], proj[1], proj[2]
     grid = int(round(pos[1] ** 0.5))
-    depth_keys = {k.split(".")[1] for k in shapes if k.startswith(("blocks.", "en_inblocks.", "en_outblocks.", "de_blocks."))}
+    kw = dict(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden)
+    table = shapes.get("y_embedder.embedding_table.weight")
+    if table is not None:
+        kw["num_classes"] = table[0] - 1
+    final = shapes.get("final_layer.linear.weight")
+    if final is not None:
+        kw["learn_sigma"] = final[0] // (patch * patch) == 2 * in_ch
+
+    def count(prefix: str) -> int:
+        return len({k.split(".")[1] for k in shapes if k.startswith(prefix)})
+
     if any(k.startswith("en_inblocks.") for k in shapes):
         family = "MDTv2"
-        decode = len({k.split(".")[1] for k in shapes if k.startswith("de_blocks.")})
-        depth = 2 * len({k.split(".")[1] for k in shapes if k.startswith("en_inblocks.")}) + decode
+        kw["decode_layer"] = count("de_blocks.")
+        kw["depth"] = 2 * count("en_inblocks.") + kw["decode_layer"]
     else:
         family = "MDT" if "mask_token" in shapes else "DiT"
-        depth, decode = len(depth_keys), None
+        kw["depth"] = count("blocks.")
+    bias = [v for k, v in shapes.items() if k.endswith("relative_position_bias_table")]
+    if bias:
+        kw["num_heads"] = bias[0][1]
+    return family, kw
+
+
+def suggest_preset(state_dict: dict) -> Optional[str]:
+    """The preset (+ the overrides it needs) whose parameter layout matches ``state_dict``.
+
+    A preset is only suggested if building it with those overrides (on the meta device, no
+    memory) reproduces every key and shape of ``state_dict``; otherwise the family with the
+    keywords read off the shapes is returned.
+    """
+    from tokencache.models.registry import FAMILY_DEFAULTS, PRESETS, create_model
+
+    layout = _layout_of(state_dict)
+    if layout is None:
+        return None
+    family, found = layout
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    defaults = dict(in_channels=4, num_classes=1000, learn_sigma=True, **FAMILY_DEFAULTS[family])
     for name, (fam, kw) in PRESETS.items():
-        if fam == family and kw["hidden_size"] == hidden and kw["patch_size"] == patch and kw["depth"] == depth:
-            size = f"input_size={grid * patch}" + (f", in_channels={in_ch}" if in_ch != 4 else "")
-            return f"{name} ({size})"
-    extra = f", decode_layer={decode}" if decode else ""
-    return f"{family} (hidden_size={hidden}, depth={depth}, patch_size={patch}, input_size={grid * patch}{extra})"
+        if fam != family or any(kw[k] != found[k] for k in ("hidden_size", "patch_size", "depth")):
+            continue
+        if "num_heads" in found and kw["num_heads"] != found["num_heads"]:
+            continue
+        overrides = {"input_size": found["input_size"]}
+        for key, default in defaults.items():
+            if key in found and found[key] != kw.get(key, default):
+                overrides[key] = found[key]
+        try:
+            with torch.device("meta"):
+                probe = create_model(name, **overrides).state_dict()
+        except Exception:  # noqa: BLE001 - an unbuildable combination is simply not a fit
+            continue
+        if {k: tuple(v.shape) for k, v in probe.items()} == shapes:
+            return f"{name} ({', '.join(f'{k}={v}' for k, v in overrides.items())})"
+    keys = ("hidden_size", "depth", "num_heads", "patch_size", "input_size", "in_channels", "num_classes",
+            "learn_sigma", "decode_layer")
+    return f"{family} ({', '.join(f'{k}={found[k]}' for k in keys if k in found)})"
 
 
 def load_checkpoint(model: nn.Module, path_or_state, strict: bool = True) -> nn.Module:

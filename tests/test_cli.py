@@ -1,0 +1,63 @@
+"""The command line: help everywhere, one-line errors, sampling end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tokencache.cli import build_parser, main, parse_overrides
+from tokencache.train import TrainConfig, train_backbone
+
+from conftest import TINY
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"models", "download", "train-backbone", "sample"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: tokencache" in capsys.readouterr().out
+
+
+def test_overrides_are_typed():
+    assert parse_overrides(["a=1", "b=0.5", "c=true", "d=none", "e=x"]) == {"a": 1, "b": 0.5, "c": True, "d": None, "e": "x"}
+
+
+def test_models_json(capsys):
+    assert main(["models", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["presets"]["DiT-XL/2"]["depth"] == 28 and "MDTv2-digits" in out["presets"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["sample", "--checkpoint", "nope.pt", "--out", "x.npz"], "does not exist"),
+    (["train-backbone", "--model", "DiT-XXL/2", "--out", "x.pt", "--steps", "1"], "unknown model"),
+    (["train-backbone", "--steps", "0", "--out", "x.pt"], "--steps"),
+])
+def test_user_errors_are_one_line(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokencache: error:") and fragment in err and "\n" not in err
+
+
+def test_sample_end_to_end(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    train_backbone(TrainConfig(model="DiT", overrides=TINY, steps=2, batch_size=4), ckpt, progress=False)
+    out = tmp_path / "s.npz"
+    proc = subprocess.run([sys.executable, "-m", "tokencache.cli", "sample", "--checkpoint", str(ckpt),
+                           "--sampler", "ddim5", "--num-samples", "5", "--batch-size", "2", "--out", str(out),
+                           "--quiet", "--json", "--clip-denoised", "--device", "cpu"],
+                          capture_output=True, text=True, check=True)
+    summary = json.loads(proc.stdout)
+    data = np.load(out)
+    assert data["arr_0"].shape == (5, 8, 8, 3) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].shape == (5,) and summary["num_samples"] == 5
+    assert json.loads(out.with_suffix(".json").read_text())["request"]["sampler"] == "ddim5"
+    # a bad sampler name is refused before any work
+    bad = subprocess.run([sys.executable, "-m", "tokencache.cli", "sample", "--checkpoint", str(ckpt),
+                          "--sampler", "euler", "--out", str(tmp_path / "b.npz")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown sampler" in bad.stderr
