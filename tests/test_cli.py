@@ -38,8 +38,10 @@ def test_models_json(capsys):
     (["train-backbone", "--model", "DiT-XXL/2", "--out", "x.pt", "--steps", "1"], "unknown model"),
     (["train-backbone", "--steps", "0", "--out", "x.pt"], "--steps"),
 ])
-def test_user_errors_are_one_line(capsys, argv, fragment):
+def test_user_errors_are_one_line(capsys, argv, fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
+    assert not list(tmp_path.iterdir())  # nothing written before the error
     err = capsys.readouterr().err.strip()
     assert err.startswith("tokencache: error:") and fragment in err and "\n" not in err
 

@@ -82,6 +82,9 @@ def cmd_train_backbone(args) -> None:
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ValueError("--steps and --batch-size must be ≥ 1 and --lr > 0")
+    from tokencache.models.registry import resolve
+
+    resolve(cfg.model, **cfg.overrides)  # unknown model or keyword: fail before any file is written
     log_path = Path(args.out).with_suffix(".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
