@@ -100,10 +100,40 @@ def cmd_sample(args) -> None:
         model=args.model, checkpoint=args.checkpoint, overrides=parse_overrides(args.model_set),
         sampler=args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, num_samples=args.num_samples,
         batch_size=args.batch_size, seed=args.seed, start_index=args.start_index, out=args.out, vae=args.vae,
-        device=args.device, clip_denoised=args.clip_denoised,
+        device=args.device, clip_denoised=args.clip_denoised, method=args.method,
+        method_params=parse_overrides(args.set),
     )
     summary = run_sampling(request, progress=not args.quiet)
     _emit(summary, args.json, f"wrote {summary['num_samples']} samples to {args.out} in {summary['seconds']} s")
+
+
+def cmd_methods(args) -> None:
+    from tokencache.cache import describe_methods
+
+    methods = describe_methods()
+    if args.json:
+        print(json.dumps(methods, indent=2))
+        return
+    for m in methods:
+        print(f"{m['name']}: {m['doc']}")
+        for p in m["params"]:
+            bounds = f" [{p['range']}]" if p.get("range") else ""
+            print(f"    {p['name']} ({p['type']}, default {p['default']}){bounds}: {p['doc']}")
+
+
+def cmd_train_router(args) -> None:
+    from tokencache.cache import train_router
+    from tokencache.run import build_model
+
+    model = build_model(args.checkpoint, args.model)
+    log_path = Path(args.out).with_suffix(".log.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        summary = train_router(model, args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow,
+                               steps=args.steps, batch_size=args.batch_size, num_samples=args.num_samples,
+                               lr=args.lr, l1=args.l1, seed=args.seed, clip_denoised=args.clip_denoised,
+                               out=args.out, progress=not args.quiet, log=log)
+    _emit({"router": str(args.out), **summary}, args.json, f"wrote {args.out}")
 
 
 def cmd_merge(args) -> None:
@@ -195,7 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)")
     p.add_argument("--vae", default="ema", help="latent models: ema, mse, or a local AutoencoderKL folder")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--method", default="full", help="caching method (see `tokencache methods`; default: full)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method parameters, e.g. interval=3")
     p.add_argument("--out", required=True, help="output .npz")
+
+    add("methods", cmd_methods, "list the caching methods (built in and from baselines/) with their parameters")
+
+    p = add("train-router", cmd_train_router, "train Learning-to-Cache's router against the frozen model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", default=None, help="preset; default: recorded in the checkpoint")
+    p.add_argument("--sampler", default="ddim50")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--scale-pow", type=float, default=None, help="MDT's guidance exponent")
+    p.add_argument("--steps", type=int, default=300, help="router updates")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-samples", type=int, default=64, help="calibration trajectories")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--l1", type=float, default=1e-6, help="λ of the sparsity term")
+    p.add_argument("--seed", type=int, default=1, help="calibration seed: keep it apart from evaluation seeds")
+    p.add_argument("--clip-denoised", action="store_true")
+    p.add_argument("--out", required=True, help="router .pt")
 
     p = add("train-evaluator", cmd_train_evaluator, "train the digits CNN that plays Inception's role on the testbed")
     p.add_argument("--seed", type=int, default=0)

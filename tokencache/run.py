@@ -47,6 +47,8 @@ class SampleRequest:
     vae: str = "ema"
     device: str = "auto"
     clip_denoised: bool = False
+    method: str = "full"
+    method_params: dict = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,40 +86,65 @@ def build_model(checkpoint: str, model: Optional[str] = None, overrides: Optiona
 
 
 def run_sampling(req: SampleRequest, progress: bool = True) -> dict:
-    """Sample ``req.num_samples`` images to ``req.out`` (npz) and ``<out>.json``; return the summary."""
+    """Sample ``req.num_samples`` images to ``req.out`` (npz) and ``<out>.json``; return the summary.
+
+    The method is attached through the caching engine; the JSON holds its per-step counts of
+    computed tokens (summed over batches), from which MACs are derived.
+    """
+    from tokencache.cache import attach, get_method
+
     if req.num_samples < 1 or req.batch_size < 1 or req.start_index < 0:
         raise ValueError("--num-samples and --batch-size must be ≥ 1 and --start-index ≥ 0")
-    sampler = parse_sampler(req.sampler)
+    method = get_method(req.method, **req.method_params)  # bad method/parameter: fail before loading anything
+    parse_sampler(req.sampler)
     device = resolve_device(req.device)
     model = build_model(req.checkpoint, req.model, req.overrides).to(device)
-    latent = model.in_channels == 4
-    vae = load_vae(req.vae, device) if latent else None
-    diffusion = sampler.diffusion()
-    images, labels = [], []
+    vae = load_vae(req.vae, device) if model.in_channels == 4 else None
+    images, labels, summaries = [], [], []
     start = time.perf_counter()
     indices = range(req.start_index, req.start_index + req.num_samples)
-    bar = tqdm(total=req.num_samples, desc=f"sample {sampler.name}", unit="img", disable=not progress)
-    for lo in range(0, req.num_samples, req.batch_size):
-        batch = list(indices[lo: lo + req.batch_size])
-        gens = sample_generators(req.seed, batch)
-        y = draw_labels(gens, model.num_classes)
-        x = generate(model, sampler, y, gens, cfg_scale=req.cfg_scale, scale_pow=req.scale_pow,
-                     diffusion=diffusion, clip_denoised=req.clip_denoised)
-        if not torch.isfinite(x).all():
-            raise RuntimeError(f"non-finite values in samples {batch[0]}…{batch[-1]}: the run is broken, not saved")
-        if vae is not None:
-            x = decode_latents(vae, x)
-        images.append(images_to_uint8(x, model.config["family"]))
-        labels.append(y.numpy())
-        bar.update(len(batch))
-    bar.close()
+    with attach(model, method, req.sampler) as engine:
+        sampler = engine.sampler
+        diffusion = sampler.diffusion()
+        bar = tqdm(total=req.num_samples, desc=f"sample {req.method} {sampler.name}", unit="img", disable=not progress)
+        for lo in range(0, req.num_samples, req.batch_size):
+            batch = list(indices[lo: lo + req.batch_size])
+            gens = sample_generators(req.seed, batch)
+            y = draw_labels(gens, model.num_classes)
+            x = generate(model, sampler, y, gens, cfg_scale=req.cfg_scale, scale_pow=req.scale_pow,
+                         diffusion=diffusion, clip_denoised=req.clip_denoised, step_listener=engine.step_listener)
+            if not torch.isfinite(x).all():
+                raise RuntimeError(f"non-finite values in samples {batch[0]}…{batch[-1]} ({req.method}): not saved")
+            if vae is not None:
+                x = decode_latents(vae, x)
+            images.append(images_to_uint8(x, model.config["family"]))
+            labels.append(y.numpy())
+            summaries.append((len(batch), engine.summary(counts=True)))
+            bar.update(len(batch))
+        bar.close()
     seconds = time.perf_counter() - start
     save_samples_npz(req.out, np.concatenate(images), np.concatenate(labels))
     summary = {"num_samples": req.num_samples, "seconds": round(seconds, 2), "request": asdict(req),
                "model_config": model.config, "checkpoint_sha256": sha256_of(req.checkpoint),
-               "steps": sampler.steps, "device": str(device), "torch": torch.__version__}
+               "sampler": sampler.name, "steps": sampler.steps, "device": str(device), "torch": torch.__version__,
+               "cache": combine_cache_summaries(summaries)}
     write_json_atomic(Path(req.out).with_suffix(".json"), summary)
     return summary
+
+
+def combine_cache_summaries(parts: list[tuple[int, dict]]) -> dict:
+    """One engine summary for a whole run from the per-batch summaries.
+
+    Fractions and decisions are the last batch's (methods decide per step and block, the same
+    for every batch); ``counts_per_sample`` (steps × blocks × [attn, mlp]) is the exact mean over
+    all samples of the tokens computed per model row, weighting each batch by its size.
+    """
+    total = sum(n for n, _ in parts)
+    merged = dict(parts[-1][1])
+    counts = sum(np.asarray(p.pop("counts"), dtype=np.float64) * n for n, p in parts) / total
+    merged.pop("counts", None)
+    merged["counts_per_sample"] = counts.tolist()
+    return merged
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

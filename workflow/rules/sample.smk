@@ -1,0 +1,41 @@
+# Sampling stage: independent shards (one job each, so many GPUs can share 50,000 samples),
+# then a merge. Sample i depends only on (seed, i), so the shard count never changes results.
+
+
+rule sample_shard:
+    input:
+        ckpt=checkpoint_path,
+    output:
+        npz=temp(f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/shards/{{first}}_{{size}}.npz"),
+        meta=temp(f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/shards/{{first}}_{{size}}.json"),
+    log:
+        f"{RESULTS}/logs/sample/{{model}}/{{sampler}}/{{method}}/{{first}}_{{size}}.log",
+    params:
+        opts=sampler_options,
+        seed=config["seed"],
+        batch=config["batch_size"],
+        device=config["device"],
+    threads: THREADS
+    resources:
+        gpu=1 if config["device"] == "cuda" else 0,
+    shell:
+        "OMP_NUM_THREADS={threads} tokencache sample --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
+        "{params.opts} --seed {params.seed} --start-index {wildcards.first} --num-samples {wildcards.size} "
+        "--batch-size {params.batch} --device {params.device} --out {output.npz} --quiet --json > {log} 2>&1"
+
+
+rule merge_shards:
+    input:
+        npz=lambda w: [
+            f"{RESULTS}/runs/{w.model}/{w.sampler}/{w.method}/shards/{s}_{c}.npz" for s, c in shard_ranges()
+        ],
+        meta=lambda w: [
+            f"{RESULTS}/runs/{w.model}/{w.sampler}/{w.method}/shards/{s}_{c}.json" for s, c in shard_ranges()
+        ],
+    output:
+        npz=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/samples.npz",
+        meta=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/run.json",
+    log:
+        f"{RESULTS}/logs/merge/{{model}}/{{sampler}}/{{method}}.log",
+    shell:
+        "tokencache merge {input.npz} --out {output.npz} --json > {output.meta} 2> {log}"

@@ -1,0 +1,42 @@
+# Training stage: the testbed backbones and the digits evaluator (Inception's stand-in).
+
+
+rule train_backbone:
+    output:
+        ckpt=f"{RESULTS}/backbones/{{model}}.pt",
+    log:
+        f"{RESULTS}/logs/train_backbone/{{model}}.log",
+    params:
+        preset=lambda w: MODEL_IDS[w.model],
+        opts=lambda w: " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in config["backbones"][MODEL_IDS[w.model]].items()
+        ),
+    threads: THREADS
+    resources:
+        gpu=0,
+    shell:
+        "tokencache train-backbone --model {params.preset} {params.opts} --threads {threads} "
+        "--out {output.ckpt} --quiet --json > {log} 2>&1"
+
+
+rule train_evaluator:
+    output:
+        net=f"{RESULTS}/evaluator/digits_cnn.pt",
+    log:
+        f"{RESULTS}/logs/train_evaluator.log",
+    params:
+        seed=config.get("testbed", {}).get("evaluator_seed", 0),
+    threads: THREADS
+    shell:
+        "tokencache train-evaluator --seed {params.seed} --out {output.net} --json > {log} 2>&1"
+
+
+rule reference_batch:
+    input:
+        net=rules.train_evaluator.output.net,
+    output:
+        ref=f"{RESULTS}/reference/digits_test.npz",
+    log:
+        f"{RESULTS}/logs/reference_batch.log",
+    shell:
+        "tokencache reference --features digits --weights {input.net} --out {output.ref} --json > {log} 2>&1"
