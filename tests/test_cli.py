@@ -63,3 +63,29 @@ def test_sample_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tokencache.cli", "sample", "--checkpoint", str(ckpt),
                           "--sampler", "euler", "--out", str(tmp_path / "b.npz")], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown sampler" in bad.stderr
+
+
+def test_flops_command_reports_the_paper_number(capsys):
+    assert main(["flops", "--model", "DiT-XL/2", "--analytic-only", "--json"]) == 0
+    macs = json.loads(capsys.readouterr().out)["analytic_macs"]
+    assert abs(macs / 118.6e9 - 1) < 0.005  # the DiT paper's 118.6 "Gflops" are MACs
+
+
+def test_method_spec_parsing():
+    from tokencache.cli import parse_method_spec
+
+    assert parse_method_spec("fora") == ("fora", "fora", {})
+    assert parse_method_spec("fora2=fora:interval=2") == ("fora2", "fora", {"interval": 2})
+    assert parse_method_spec("toca:fresh_ratio=0.1,interval=4") == ("toca", "toca", {"fresh_ratio": 0.1, "interval": 4})
+
+
+def test_sample_with_a_method_records_counts(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    train_backbone(TrainConfig(model="DiT", overrides=TINY, steps=2, batch_size=4), ckpt, progress=False)
+    out = tmp_path / "f.npz"
+    assert main(["sample", "--checkpoint", str(ckpt), "--sampler", "ddim9", "--num-samples", "3", "--quiet",
+                 "--method", "fora", "--set", "interval=3", "--out", str(out), "--device", "cpu"]) == 0
+    cache = json.loads(out.with_suffix(".json").read_text())["cache"]
+    counts = np.asarray(cache["counts_per_sample"])
+    assert cache["method"] == "fora" and cache["full_steps"] == 3
+    assert counts.shape == (9, TINY["depth"], 2) and (counts[[0, 3, 6]] == 16).all() and counts[[1, 2, 4]].sum() == 0

@@ -136,6 +136,76 @@ def cmd_train_router(args) -> None:
     _emit({"router": str(args.out), **summary}, args.json, f"wrote {args.out}")
 
 
+def cmd_flops(args) -> None:
+    from tokencache.metrics.flops import forward_cost, run_macs
+
+    if args.run:
+        result = run_macs(args.run)
+        _emit(result, args.json, f"{result['macs_per_image'] / 1e9:.4g} GMACs per image (CFG included), "
+                                 f"{result['macs_speedup']:.3f}× fewer than the full run")
+        return
+    if not args.model:
+        raise ValueError("give --model PRESET (forward MACs) or --run samples.json (MACs of a sampling run)")
+    result = forward_cost(args.model, batch_size=args.batch_size, count_with_fvcore=not args.analytic_only,
+                          **parse_overrides(args.set))
+    if result.get("match") is False:
+        raise RuntimeError(f"fvcore and the analytic formula disagree for {args.model}: "
+                           f"{result['fvcore']['total']} vs {result['analytic_macs']}")
+    _emit(result, args.json, f"{args.model}: {result['analytic_macs'] / 1e9:.4f} GMACs per forward "
+                             f"(batch {args.batch_size}, no CFG)"
+                             + ("" if args.analytic_only else ", fvcore agrees"))
+
+
+def parse_method_spec(spec: str) -> tuple[str, str, dict]:
+    """``LABEL=NAME:k=v,k=v`` or ``NAME`` → (label, name, params)."""
+    label, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else (spec.split(":")[0], "", spec)
+    name, _, params = rest.partition(":")
+    return label, name, parse_overrides([p for p in params.split(",") if p])
+
+
+def cmd_latency(args) -> None:
+    from tqdm import tqdm
+
+    from tokencache.metrics.latency import measure_latency, write_latency_table
+    from tokencache.models.registry import create_model
+    from tokencache.run import build_model, resolve_device
+
+    methods = [parse_method_spec(m) for m in args.method]
+    if not any(name == "full" for _, name, _ in methods):
+        methods.insert(0, ("full", "full", {}))
+    overrides = parse_overrides(args.model_set)
+    device = resolve_device(args.device)
+    if args.checkpoint:
+        model = build_model(args.checkpoint, args.model, overrides)
+    elif args.model:
+        model = create_model(args.model, **overrides).eval().requires_grad_(False)
+    else:
+        raise ValueError("give --checkpoint, or --model PRESET to time random weights (cost does not depend on them)")
+    model = model.to(device)
+    vae = None
+    if args.vae and model.in_channels == 4:
+        from tokencache.models.vae import load_vae
+
+        vae = load_vae(args.vae, device)
+    total = (args.warmup + args.repeats) * len(args.batch_sizes) * len(methods)
+    with tqdm(total=total, desc="latency", disable=args.quiet) as bar:
+        rows = measure_latency(model, methods, sampler=args.sampler, batch_sizes=args.batch_sizes,
+                               cfg_scale=args.cfg_scale, repeats=args.repeats, warmup=args.warmup, device=str(device),
+                               dtype=args.dtype, vae=vae, seed=args.seed, scale_pow=args.scale_pow,
+                               on_run=lambda *a, **k: bar.update(1))
+    write_latency_table(rows, args.csv, args.md)
+    if args.out:
+        from tokencache.run import write_json_atomic
+
+        write_json_atomic(Path(args.out), {"rows": rows})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['label']:<16} batch {r['batch_size']:>4}: {r['sampling_s']['median']:.3f} s, "
+                  f"speed-up {r['speedup']:.2f}×, MACs {r['macs_speedup']:.2f}×, realization {r['realization_ratio']:.2f}")
+
+
 def cmd_merge(args) -> None:
     from tokencache.run import merge_shards
 
@@ -264,6 +334,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the JSON here")
+
+    p = add("flops", cmd_flops, "MACs (the DiT paper's 'Gflops') of one forward, or per image of a sampling run")
+    p.add_argument("--model", default=None, help="preset or family, e.g. DiT-XL/2")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="constructor overrides, e.g. input_size=64")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--analytic-only", action="store_true", help="skip the fvcore trace (fast for XL models)")
+    p.add_argument("--run", default=None, help="a sampling run's JSON (beside its npz): MACs per generated image")
+
+    p = add("latency", cmd_latency, "time methods side by side (interleaved) over batch sizes, with provenance")
+    p.add_argument("--checkpoint", default=None, help="checkpoint; or --model alone for random weights")
+    p.add_argument("--model", default=None, help="preset (e.g. DiT-XL/2)")
+    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--method", action="append", default=[], metavar="LABEL=NAME:k=v,…",
+                   help="a method to time (repeatable), e.g. fora3=fora:interval=3; full is always included")
+    p.add_argument("--sampler", default="ddim50")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="images per batch (CFG doubles rows)")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--scale-pow", type=float, default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"],
+                   help="autocast dtype (default: float32)")
+    p.add_argument("--vae", default=None, help="also time end-to-end with this VAE (latent models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", default=None)
+    p.add_argument("--md", default=None)
+    p.add_argument("--out", default=None, help="JSON of all rows")
 
     p = add("merge", cmd_merge, "merge sampling shards (npz + their JSON) of one run, in sample order")
     p.add_argument("shards", nargs="+", help="shard .npz files (each with its .json beside it)")
