@@ -242,10 +242,21 @@ def cmd_evaluate(args) -> None:
 
     result = evaluate_quality(args.samples, args.reference, features=args.features, weights_path=args.weights,
                               batch_size=args.batch_size, device=None if args.device == "auto" else args.device)
+    if args.fidelity_to:
+        from tokencache.data.npz import load_samples_npz, sha256_file
+        from tokencache.metrics.fidelity import psnr, ssim
+
+        images, _ = load_samples_npz(args.samples)
+        reference, _ = load_samples_npz(args.fidelity_to)
+        if images.shape != reference.shape:
+            raise ValueError(f"--fidelity-to {args.fidelity_to} holds {reference.shape} images, the samples "
+                             f"{images.shape}: compare runs of the same seed and sample count")
+        result.update({"psnr_to_full": float(psnr(images, reference)), "ssim_to_full": float(ssim(images, reference)),
+                       "fidelity_reference_sha256": sha256_file(args.fidelity_to)})
     if args.out:
         write_json_atomic(Path(args.out), result)
     human = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "sfid", "inception_score", "precision", "recall",
-                                                        "class_consistency") if result.get(k) is not None)
+                                                        "class_consistency", "psnr_to_full", "ssim_to_full") if result.get(k) is not None)
     _emit(result, args.json, f"{result['num_samples']} samples: {human}")
 
 
@@ -333,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="Inception weights file (offline) or the digits evaluator .pt")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--fidelity-to", default=None, help="npz of the full (uncached) run with the same seed: "
+                                                        "adds PSNR/SSIM of each image to its uncached twin")
     p.add_argument("--out", default=None, help="also write the JSON here")
 
     p = add("flops", cmd_flops, "MACs (the DiT paper's 'Gflops') of one forward, or per image of a sampling run")

@@ -182,7 +182,11 @@ def merge_shards(paths: list[str], out: str) -> dict:
         images.append(arrays[0])
         labels.append(arrays[1])
     save_samples_npz(out, np.concatenate(images), np.concatenate(labels))
-    return {"num_samples": int(sum(len(x) for x in labels)), "shards": len(shards),
+    sizes = [m["num_samples"] for m, _ in shards]
+    cache = dict(shards[-1][0]["cache"])
+    cache["counts_per_sample"] = (sum(np.asarray(m["cache"]["counts_per_sample"]) * n for (m, _), n in
+                                      zip(shards, sizes)) / sum(sizes)).tolist()
+    return {"num_samples": int(sum(len(x) for x in labels)), "shards": len(shards), "cache": cache,
             "seconds": round(sum(m["seconds"] for m, _ in shards), 2), "request": identity,
             "model_config": shards[0][0]["model_config"], "checkpoint_sha256": shards[0][0]["checkpoint_sha256"],
             "steps": shards[0][0]["steps"]}

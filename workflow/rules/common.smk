@@ -37,8 +37,48 @@ def sampler_options(wildcards):
     return " ".join(args)
 
 
-def run_dirs():
-    return [f"{RESULTS}/runs/{m}/{s}/full" for m in MODEL_IDS for s in SAMPLERS]
+METHODS = config["methods"]
+if "full" not in METHODS or METHODS["full"]["method"] != "full":
+    raise ValueError("config: methods must contain `full: {method: full}` (every method's fidelity reference)")
+
+
+def check_methods():
+    """Unknown methods or parameters fail here, before any job runs (plugins in baselines/ included)."""
+    from tokencache.cache import get_method
+
+    for label, spec in METHODS.items():
+        # "auto" marks a file the workflow makes (the L2C router): any path string validates
+        params = {k: ("<made by the workflow>" if v == "auto" else v) for k, v in spec.get("params", {}).items()}
+        try:
+            get_method(spec["method"], **params)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"config: methods.{label}: {exc}") from None
+
+
+check_methods()
+
+
+def router_path(model, sampler):
+    return f"{RESULTS}/routers/{model}/{sampler}.pt"
+
+
+def method_inputs(wildcards):
+    """Files a run needs beyond the checkpoint (a trained router for router=auto)."""
+    params = METHODS[wildcards.method].get("params", {})
+    return [router_path(wildcards.model, wildcards.sampler)] if params.get("router") == "auto" else []
+
+
+def method_options(wildcards):
+    spec = METHODS[wildcards.method]
+    params = dict(spec.get("params", {}))
+    if params.get("router") == "auto":
+        params["router"] = router_path(wildcards.model, wildcards.sampler)
+    sets = " ".join(f"{k}={v}" for k, v in params.items())
+    return f"--method {spec['method']}" + (f" --set {sets}" if sets else "")
+
+
+def run_dirs(methods=None):
+    return [f"{RESULTS}/runs/{m}/{s}/{label}" for m in MODEL_IDS for s in SAMPLERS for label in (methods or METHODS)]
 
 
 def final_outputs():

@@ -5,6 +5,7 @@
 rule sample_shard:
     input:
         ckpt=checkpoint_path,
+        extra=method_inputs,
     output:
         npz=temp(f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/shards/{{first}}_{{size}}.npz"),
         meta=temp(f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/shards/{{first}}_{{size}}.json"),
@@ -12,6 +13,7 @@ rule sample_shard:
         f"{RESULTS}/logs/sample/{{model}}/{{sampler}}/{{method}}/{{first}}_{{size}}.log",
     params:
         opts=sampler_options,
+        method=method_options,
         seed=config["seed"],
         batch=config["batch_size"],
         device=config["device"],
@@ -20,7 +22,7 @@ rule sample_shard:
         gpu=1 if config["device"] == "cuda" else 0,
     shell:
         "OMP_NUM_THREADS={threads} tokencache sample --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
-        "{params.opts} --seed {params.seed} --start-index {wildcards.first} --num-samples {wildcards.size} "
+        "{params.opts} {params.method} --seed {params.seed} --start-index {wildcards.first} --num-samples {wildcards.size} "
         "--batch-size {params.batch} --device {params.device} --out {output.npz} --quiet --json > {log} 2>&1"
 
 

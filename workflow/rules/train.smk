@@ -40,3 +40,21 @@ rule reference_batch:
         f"{RESULTS}/logs/reference_batch.log",
     shell:
         "tokencache reference --features digits --weights {input.net} --out {output.ref} --json > {log} 2>&1"
+
+
+rule train_router:
+    input:
+        ckpt=checkpoint_path,
+    output:
+        router=f"{RESULTS}/routers/{{model}}/{{sampler}}.pt",
+    log:
+        f"{RESULTS}/logs/train_router/{{model}}/{{sampler}}.log",
+    params:
+        opts=sampler_options,
+        router=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.get("router", {}).items()),
+    threads: THREADS
+    resources:
+        gpu=1 if config["device"] == "cuda" else 0,
+    shell:
+        "OMP_NUM_THREADS={threads} tokencache train-router --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
+        "{params.opts} {params.router} --out {output.router} --quiet --json > {log} 2>&1"
