@@ -136,6 +136,21 @@ def cmd_train_router(args) -> None:
     _emit({"router": str(args.out), **summary}, args.json, f"wrote {args.out}")
 
 
+def cmd_train_predictor(args) -> None:
+    from tokencache.cache import train_predictor
+    from tokencache.run import build_model
+
+    model = build_model(args.checkpoint, args.model)
+    log_path = Path(args.out).with_suffix(".log.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        summary = train_predictor(model, args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow,
+                                  steps=args.steps, batch_size=args.batch_size, num_samples=args.num_samples,
+                                  lr=args.lr, sparsity=args.sparsity, seed=args.seed,
+                                  clip_denoised=args.clip_denoised, out=args.out, progress=not args.quiet, log=log)
+    _emit({"predictor": str(args.out), **summary}, args.json, f"wrote {args.out}")
+
+
 def cmd_flops(args) -> None:
     from tokencache.metrics.flops import forward_cost, run_macs
 
@@ -237,22 +252,12 @@ def cmd_reference(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from tokencache.metrics.quality import evaluate_quality
+    from tokencache.metrics.quality import evaluate_run
     from tokencache.run import write_json_atomic
 
-    result = evaluate_quality(args.samples, args.reference, features=args.features, weights_path=args.weights,
-                              batch_size=args.batch_size, device=None if args.device == "auto" else args.device)
-    if args.fidelity_to:
-        from tokencache.data.npz import load_samples_npz, sha256_file
-        from tokencache.metrics.fidelity import psnr, ssim
-
-        images, _ = load_samples_npz(args.samples)
-        reference, _ = load_samples_npz(args.fidelity_to)
-        if images.shape != reference.shape:
-            raise ValueError(f"--fidelity-to {args.fidelity_to} holds {reference.shape} images, the samples "
-                             f"{images.shape}: compare runs of the same seed and sample count")
-        result.update({"psnr_to_full": float(psnr(images, reference)), "ssim_to_full": float(ssim(images, reference)),
-                       "fidelity_reference_sha256": sha256_file(args.fidelity_to)})
+    result = evaluate_run(args.samples, args.reference, features=args.features, weights_path=args.weights,
+                          fidelity_to=args.fidelity_to, batch_size=args.batch_size,
+                          device=None if args.device == "auto" else args.device)
     if args.out:
         write_json_atomic(Path(args.out), result)
     human = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "sfid", "inception_score", "precision", "recall",
@@ -326,6 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="calibration seed: keep it apart from evaluation seeds")
     p.add_argument("--clip-denoised", action="store_true")
     p.add_argument("--out", required=True, help="router .pt")
+
+    p = add("train-predictor", cmd_train_predictor, "train TokenCache's Cache Predictor against the frozen model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", default=None, help="preset; default: recorded in the checkpoint")
+    p.add_argument("--sampler", default="ddim50")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--scale-pow", type=float, default=None, help="MDT's guidance exponent")
+    p.add_argument("--steps", type=int, default=500, help="predictor updates")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-samples", type=int, default=64, help="calibration trajectories")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the logits")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="λ of the λ·mean(w) pressure (the loss is the output error relative to caching everything)")
+    p.add_argument("--seed", type=int, default=2, help="calibration seed: keep it apart from evaluation seeds")
+    p.add_argument("--clip-denoised", action="store_true")
+    p.add_argument("--out", required=True, help="predictor .pt")
 
     p = add("train-evaluator", cmd_train_evaluator, "train the digits CNN that plays Inception's role on the testbed")
     p.add_argument("--seed", type=int, default=0)

@@ -45,6 +45,9 @@ class Reuse:
 class Subset:
     """Recompute the tokens ``tokens`` (B, k) int64 of each batch row; reuse the others.
 
+    ``tokens`` of shape (1, k) applies the same tokens to every row (methods whose choice
+    depends only on the step and block, such as TokenCache's predictor).
+
     Every row recomputes the same number k of tokens (a batched computation costs k per row
     whatever a row would have needed), so the engine counts k per row.
     """
@@ -56,8 +59,9 @@ class Subset:
 class Blend:
     """Return ``stored·(1 − weight) + fresh·weight`` (fresh = the branch on all tokens).
 
-    ``weight`` is a 0-d tensor, usually σ(router logit) carrying gradient; the result is not
-    stored, so the cache keeps the last full computation.
+    ``weight`` carries gradient and broadcasts against the branch output (B, N, D): a 0-d
+    tensor (L2C's σ(router logit), one per branch) or an (N, 1) column (TokenCache's per-token
+    importance w). The result is not stored, so the cache keeps the last full computation.
     """
 
     weight: torch.Tensor

@@ -186,9 +186,11 @@ class CacheEngine:
 
     def _subset(self, block: int, name: str, key, fn, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         stored = self._stored(self._outputs, key, x, f"{name} output of block {block}")
-        if tokens.dim() != 2 or tokens.shape[0] != x.shape[0] or tokens.dtype != torch.int64:
-            raise ValueError(f"{self.method.name}: Subset tokens must be int64 (batch {x.shape[0]}, k), "
+        if tokens.dim() != 2 or tokens.shape[0] not in (1, x.shape[0]) or tokens.dtype != torch.int64:
+            raise ValueError(f"{self.method.name}: Subset tokens must be int64 (batch {x.shape[0]} or 1, k), "
                              f"got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[0] != x.shape[0]:
+            tokens = tokens.expand(x.shape[0], -1)
         fresh = fn(x, tokens=tokens)
         index = tokens.unsqueeze(-1).expand(-1, -1, stored.shape[-1])
         if torch.is_grad_enabled() and (fresh.requires_grad or stored.requires_grad):

@@ -127,7 +127,7 @@ class _Relaxation(CacheMethod):
         return COMPUTE
 
 
-def _record_trajectories(model, sampler: Sampler, cfg_scale: float, scale_pow, seed: int, num_samples: int,
+def record_trajectories(model, sampler: Sampler, cfg_scale: float, scale_pow, seed: int, num_samples: int,
                          batch_size: int, clip_denoised: bool, progress: bool):
     """The model's inputs at every step of full sampling of calibration samples ``(seed, 0…M−1)``.
 
@@ -173,7 +173,7 @@ def _record_trajectories(model, sampler: Sampler, cfg_scale: float, scale_pow, s
     return [torch.cat(chunks) for chunks in steps_x], steps_t, torch.cat(labels_rows)
 
 
-def _rows(per_sample: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def batch_rows(per_sample: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(M, c, ...) → the batch (c·b, ...) of samples ``index``, copies stacked as the model saw them."""
     picked = per_sample[index].transpose(0, 1)
     return picked.reshape(-1, *picked.shape[2:])
@@ -215,7 +215,7 @@ def train_router(model: torch.nn.Module, sampler: Union[Sampler, str], *, cfg_sc
     method = _Relaxation(logits)
     history = []
     try:
-        xs, ts, ys = _record_trajectories(model, sampler, cfg_scale, scale_pow, seed, num_samples, batch_size,
+        xs, ts, ys = record_trajectories(model, sampler, cfg_scale, scale_pow, seed, num_samples, batch_size,
                                           clip_denoised, progress)
         engine = CacheEngine(model, method, sampler)
         bar = tqdm(range(steps), desc="train router", disable=not progress)
@@ -223,8 +223,8 @@ def train_router(model: torch.nn.Module, sampler: Union[Sampler, str], *, cfg_sc
             routed = 2 * int(torch.randint(num_steps // 2, (1,), generator=generator))
             full_step = num_steps - 1 - (routed + 1)
             index = torch.randperm(num_samples, generator=generator)[:batch_size].to(device)
-            y = _rows(ys, index)
-            x_full, x_next = _rows(xs[full_step], index), _rows(xs[full_step + 1], index)
+            y = batch_rows(ys, index)
+            x_full, x_next = batch_rows(xs[full_step], index), batch_rows(xs[full_step + 1], index)
             t_full = ts[full_step].expand(len(y))
             t_next = ts[full_step + 1].expand(len(y))
             with torch.no_grad():

@@ -110,3 +110,26 @@ def evaluate_quality(
     if labels is not None and extractor.label_classifier:
         result["class_consistency"] = class_consistency(sample_feats["probs"], labels)
     return result
+
+
+def evaluate_run(samples: str | os.PathLike, reference_path: str | os.PathLike, features: str = "inception",
+                 weights_path: str | os.PathLike | None = None, fidelity_to: str | os.PathLike | None = None,
+                 batch_size: int = 64, device: str | None = None) -> dict:
+    """:func:`evaluate_quality` of a sample npz, plus its fidelity to the ``full`` run's images.
+
+    ``fidelity_to``: the npz of the uncached run with the same seed and sample count; adds
+    ``psnr_to_full``, ``ssim_to_full`` and that file's sha256.
+    """
+    from tokencache.metrics.fidelity import psnr, ssim
+
+    result = evaluate_quality(samples, reference_path, features=features, weights_path=weights_path,
+                              batch_size=batch_size, device=device)
+    if fidelity_to:
+        images, _ = load_samples_npz(samples)
+        reference, _ = load_samples_npz(fidelity_to)
+        if images.shape != reference.shape:
+            raise ValueError(f"fidelity reference {fidelity_to} holds {reference.shape} images, the samples "
+                             f"{images.shape}: compare runs of the same seed and sample count")
+        result.update({"psnr_to_full": float(psnr(images, reference)), "ssim_to_full": float(ssim(images, reference)),
+                       "fidelity_reference_sha256": sha256_file(fidelity_to)})
+    return result

@@ -42,13 +42,18 @@ if "full" not in METHODS or METHODS["full"]["method"] != "full":
     raise ValueError("config: methods must contain `full: {method: full}` (every method's fidelity reference)")
 
 
+#: method parameters whose value "auto" stands for a file the workflow trains per model and sampler
+TRAINED = {"router": "routers", "predictor": "predictors"}
+
+
 def check_methods():
     """Unknown methods or parameters fail here, before any job runs (plugins in baselines/ included)."""
     from tokencache.cache import get_method
 
     for label, spec in METHODS.items():
-        # "auto" marks a file the workflow makes (the L2C router): any path string validates
-        params = {k: ("<made by the workflow>" if v == "auto" else v) for k, v in spec.get("params", {}).items()}
+        # "auto" marks a file the workflow trains (router, predictor): any path string validates
+        params = {k: ("<made by the workflow>" if v == "auto" and k in TRAINED else v)
+                  for k, v in spec.get("params", {}).items()}
         try:
             get_method(spec["method"], **params)
         except (ValueError, RuntimeError) as exc:
@@ -58,23 +63,37 @@ def check_methods():
 check_methods()
 
 
-def router_path(model, sampler):
-    return f"{RESULTS}/routers/{model}/{sampler}.pt"
+def trained_path(kind, model, sampler):
+    """Where the workflow writes the L2C router / TokenCache predictor of a model and sampler."""
+    return f"{RESULTS}/{TRAINED[kind]}/{model}/{sampler}.pt"
 
 
 def method_inputs(wildcards):
-    """Files a run needs beyond the checkpoint (a trained router for router=auto)."""
+    """Files a run needs beyond the checkpoint (a trained router or predictor for =auto)."""
     params = METHODS[wildcards.method].get("params", {})
-    return [router_path(wildcards.model, wildcards.sampler)] if params.get("router") == "auto" else []
+    return [trained_path(k, wildcards.model, wildcards.sampler) for k in TRAINED if params.get(k) == "auto"]
 
 
 def method_options(wildcards):
     spec = METHODS[wildcards.method]
     params = dict(spec.get("params", {}))
-    if params.get("router") == "auto":
-        params["router"] = router_path(wildcards.model, wildcards.sampler)
+    for kind in TRAINED:
+        if params.get(kind) == "auto":
+            params[kind] = trained_path(kind, wildcards.model, wildcards.sampler)
     sets = " ".join(f"{k}={v}" for k, v in params.items())
     return f"--method {spec['method']}" + (f" --set {sets}" if sets else "")
+
+
+def trained_options(kind):
+    """The config's training settings of a router or predictor as command-line options."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.get(kind, {}).items())
+
+
+def torch_threads(n):
+    """Threads of in-process (``run:``) jobs that use torch."""
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
 
 
 def run_dirs(methods=None):

@@ -16,11 +16,15 @@ rule evaluate:
         full=full_run,
     output:
         metrics=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.json",
-    log:
-        f"{RESULTS}/logs/evaluate/{{model}}/{{sampler}}/{{method}}.log",
-    params:
-        fidelity=lambda w, input: f"--fidelity-to {input.full}" if input.full else "",
     threads: THREADS
-    shell:
-        "OMP_NUM_THREADS={threads} tokencache evaluate {input.npz} --reference {input.ref} --features digits "
-        "--weights {input.net} {params.fidelity} --out {output.metrics} --quiet --json > {log} 2>&1"
+    run:
+        # in the workflow's own process: the evaluator's imports would cost more than the metrics
+        from pathlib import Path
+
+        from tokencache.metrics.quality import evaluate_run
+        from tokencache.run import write_json_atomic
+
+        torch_threads(threads)
+        result = evaluate_run(input.npz, input.ref, features="digits", weights_path=input.net,
+                              fidelity_to=input.full or None)
+        write_json_atomic(Path(output.metrics), result)

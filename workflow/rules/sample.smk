@@ -37,7 +37,10 @@ rule merge_shards:
     output:
         npz=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/samples.npz",
         meta=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/run.json",
-    log:
-        f"{RESULTS}/logs/merge/{{model}}/{{sampler}}/{{method}}.log",
-    shell:
-        "tokencache merge {input.npz} --out {output.npz} --json > {output.meta} 2> {log}"
+    run:
+        # in the workflow's own process: a merge is a copy, not worth a Python start-up per run
+        from pathlib import Path
+
+        from tokencache.run import merge_shards, write_json_atomic
+
+        write_json_atomic(Path(output.meta), merge_shards(list(input.npz), output.npz))

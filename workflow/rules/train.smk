@@ -51,10 +51,28 @@ rule train_router:
         f"{RESULTS}/logs/train_router/{{model}}/{{sampler}}.log",
     params:
         opts=sampler_options,
-        router=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.get("router", {}).items()),
+        router=trained_options("router"),
     threads: THREADS
     resources:
         gpu=1 if config["device"] == "cuda" else 0,
     shell:
         "OMP_NUM_THREADS={threads} tokencache train-router --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
         "{params.opts} {params.router} --out {output.router} --quiet --json > {log} 2>&1"
+
+
+rule train_predictor:
+    input:
+        ckpt=checkpoint_path,
+    output:
+        predictor=f"{RESULTS}/predictors/{{model}}/{{sampler}}.pt",
+    log:
+        f"{RESULTS}/logs/train_predictor/{{model}}/{{sampler}}.log",
+    params:
+        opts=sampler_options,
+        predictor=trained_options("predictor"),
+    threads: THREADS
+    resources:
+        gpu=1 if config["device"] == "cuda" else 0,
+    shell:
+        "OMP_NUM_THREADS={threads} tokencache train-predictor --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
+        "{params.opts} {params.predictor} --out {output.predictor} --quiet --json > {log} 2>&1"
