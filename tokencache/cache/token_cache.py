@@ -79,9 +79,9 @@ class TokenCache(CacheMethod):
     cache_ratio: float = param(0.75, "ρ: fraction of a pruned block's tokens reused on P-steps", min=0.0, max=1.0)
     block_ratio: float = param(0.5, "β: fraction of blocks pruned on P-steps", min=0.0, max=1.0)
     k1: Optional[int] = param(None, "K1: P-steps between I-steps in phase 1; None = default for the sampler "
-                                    "(DDIM 3, DDPM 4)", min=1)
+                                    "(DDIM 3, DDPM 4); 0 = every step an I-step", min=0)
     k2: Optional[int] = param(None, "K2: P-steps between I-steps in phase 2 (≤ K1; = K1 is one fixed interval); "
-                                    "None = default (DDIM 2, DDPM 2)", min=1)
+                                    "None = default (DDIM 2, DDPM 2)", min=0)
     phase_boundary: float = param(0.5, "fraction of the sampling steps in phase 1", min=0.0, max=1.0)
     block_selection: str = param("adaptive", "which blocks are pruned: adaptive (least importance lost) or uniform "
                                              "(every block at ratio ρ·β)", choices=("adaptive", "uniform"))
@@ -93,7 +93,7 @@ class TokenCache(CacheMethod):
         super().setup(info)
         T, L, N = info.num_steps, info.block_count, info.num_tokens
         default_k1, default_k2 = DEFAULT_INTERVALS["ddpm" if info.sampler_loop == "ddpm" else "ddim"]
-        self.intervals = (self.k1 or default_k1, self.k2 or default_k2)
+        self.intervals = (default_k1 if self.k1 is None else self.k1, default_k2 if self.k2 is None else self.k2)
         if self.intervals[1] > self.intervals[0]:
             raise ValueError(f"tokencache: K2 = {self.intervals[1]} must not exceed K1 = {self.intervals[0]} "
                              "(phase 2 refreshes more often)")

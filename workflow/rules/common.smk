@@ -54,6 +54,10 @@ def check_methods():
         # "auto" marks a file the workflow trains (router, predictor): any path string validates
         params = {k: ("<made by the workflow>" if v == "auto" and k in TRAINED else v)
                   for k, v in spec.get("params", {}).items()}
+        for key, known in (("models", BACKBONES), ("samplers", SAMPLERS)):
+            unknown = sorted(set(spec.get(key, known)) - set(known))
+            if unknown:
+                raise ValueError(f"config: methods.{label}.{key}: {unknown[0]!r} is not in {key} ({', '.join(known)})")
         try:
             get_method(spec["method"], **params)
         except (ValueError, RuntimeError) as exc:
@@ -96,8 +100,15 @@ def torch_threads(n):
     torch.set_num_threads(max(1, int(n)))
 
 
+def runs_method(label, model, sampler):
+    """Whether run ``label`` is configured for this backbone and sampler (``models``/``samplers`` keys)."""
+    spec = METHODS[label]
+    return MODEL_IDS[model] in spec.get("models", BACKBONES) and sampler in spec.get("samplers", SAMPLERS)
+
+
 def run_dirs(methods=None):
-    return [f"{RESULTS}/runs/{m}/{s}/{label}" for m in MODEL_IDS for s in SAMPLERS for label in (methods or METHODS)]
+    return [f"{RESULTS}/runs/{m}/{s}/{label}" for m in MODEL_IDS for s in SAMPLERS for label in (methods or METHODS)
+            if runs_method(label, m, s)]
 
 
 def final_outputs():
