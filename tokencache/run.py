@@ -168,12 +168,13 @@ def merge_shards(paths: list[str], out: str) -> dict:
             raise FileNotFoundError(f"shard {path} has no {meta_path.name}: it was not finished; rerun it")
         shards.append((json.loads(meta_path.read_text()), path))
     shards.sort(key=lambda item: item[0]["request"]["start_index"])
-    identity = {k: v for k, v in shards[0][0]["request"].items() if k not in ("start_index", "num_samples", "out")}
+    per_shard = ("start_index", "num_samples", "out", "batch_size")  # batch size never changes a sample
+    identity = {k: v for k, v in shards[0][0]["request"].items() if k not in per_shard}
     expected = shards[0][0]["request"]["start_index"]
     images, labels = [], []
     for meta, path in shards:
         req = meta["request"]
-        if {k: v for k, v in req.items() if k not in ("start_index", "num_samples", "out")} != identity:
+        if {k: v for k, v in req.items() if k not in per_shard} != identity:
             raise ValueError(f"shard {path} belongs to another run than {shards[0][1]}")
         if req["start_index"] != expected:
             raise ValueError(f"shards leave a gap or overlap at sample {expected} (next shard starts at {req['start_index']})")
