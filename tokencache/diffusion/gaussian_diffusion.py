@@ -15,6 +15,7 @@ are 0-based indices into the betas, so t = 0 is the last denoising step.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
@@ -69,9 +70,33 @@ def _extract_into_tensor(
     rounding of its float64 value, which is what makes results bit-compatible
     with ADM. The result is a broadcast view of shape ``broadcast_shape``.
     """
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    res = _on_device(arr, timesteps.device)[timesteps].float()
     res = res.reshape(tuple(res.shape) + (1,) * (len(broadcast_shape) - res.dim()))
     return res.expand(tuple(broadcast_shape))
+
+
+#: (id(arr), device) → (arr, its float64 copy on device). A blocking host→device copy makes the
+#: host wait for the GPU; the sampling loop reads each schedule array several times per step,
+#: so each array is copied once per device and kept (small: ≤ 1000 float64 values each).
+_DEVICE_COPIES: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _on_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``torch.from_numpy(arr)`` on ``device``; copied once per (array, device), not per call.
+
+    On the CPU this is a zero-copy view. The entry keeps ``arr`` alive so its id cannot be
+    reused; the least recently used entries go beyond 512.
+    """
+    if device.type == "cpu":
+        return torch.from_numpy(arr)
+    key = (id(arr), str(device))
+    entry = _DEVICE_COPIES.get(key)
+    if entry is None or entry[0] is not arr:
+        entry = _DEVICE_COPIES[key] = (arr, torch.from_numpy(arr).to(device))
+        while len(_DEVICE_COPIES) > 512:
+            _DEVICE_COPIES.popitem(last=False)
+    _DEVICE_COPIES.move_to_end(key)
+    return entry[1]
 
 
 def _nonzero_mask(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -490,7 +515,8 @@ class GaussianDiffusion:
 
             iterator = tqdm(indices)
         for step_index, i in enumerate(iterator):
-            t = torch.tensor([i] * shape[0], device=device)
+            # filled on the device: torch.tensor(list, device=cuda) is a blocking host copy
+            t = torch.full((shape[0],), i, dtype=torch.int64, device=device)
             if step_listener is not None:
                 step_listener(step_index, num_steps)
             with torch.no_grad():

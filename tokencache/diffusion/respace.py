@@ -81,6 +81,7 @@ class SpacedDiffusion(GaussianDiffusion):
         base = GaussianDiffusion(**kwargs)
 
         self.timestep_map: List[int] = []
+        self._map_tensors: dict = {}  # (device, dtype) → timestep_map as a tensor, see model_timesteps
         new_betas = []
         last_alpha_cumprod = 1.0
         for i, alpha_cumprod in enumerate(base.alphas_cumprod):
@@ -92,6 +93,12 @@ class SpacedDiffusion(GaussianDiffusion):
         super().__init__(**kwargs)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """Original timesteps ``timestep_map[t]``, in ``t``'s dtype and device."""
-        map_tensor = torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)
-        return map_tensor[t]
+        """Original timesteps ``timestep_map[t]``, in ``t``'s dtype and device.
+
+        The map is copied to a device once and kept: ``torch.tensor(list, device=cuda)`` at every
+        model call would make the host wait for the GPU inside the sampling loop.
+        """
+        key = (str(t.device), t.dtype)
+        if key not in self._map_tensors:
+            self._map_tensors[key] = torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)
+        return self._map_tensors[key][t]

@@ -36,15 +36,31 @@ def randn_rows(
         return torch.randn(shape, device=device, dtype=dtype)
 
     def draw(size, generator):
-        out = torch.randn(size, generator=generator, device=generator.device, dtype=dtype)
-        return out if device is None else out.to(device)
+        return torch.randn(size, generator=generator, device=generator.device, dtype=dtype)
 
     if isinstance(generators, torch.Generator):
-        return draw(shape, generators)
+        return _to_device(draw(shape, generators), device)
     generators = list(generators)
     if len(generators) != shape[0]:
         raise ValueError(
             f"got {len(generators)} generators for a batch of {shape[0]} rows; "
             "pass exactly one generator per row"
         )
-    return torch.stack([draw(shape[1:], g) for g in generators])
+    rows = [draw(shape[1:], g) for g in generators]
+    if len({r.device for r in rows}) > 1:  # generators on several devices: move row by row
+        return torch.stack([_to_device(r, device) for r in rows])
+    return _to_device(torch.stack(rows), device)
+
+
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """Move ``x`` to ``device`` without making the host wait for the GPU.
+
+    A plain ``.to("cuda")`` of a CPU tensor waits until every queued kernel has finished, which
+    inside the sampling loop (noise drawn on CPU generators at every step) stalls the queue once
+    per step. Staged through pinned memory the copy is asynchronous; the same values arrive.
+    """
+    if device is None or x.device == torch.device(device):
+        return x
+    if x.device.type == "cpu" and torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

@@ -80,11 +80,19 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        self._freqs: Optional[torch.Tensor] = None  # frequencies(…) on the device last used
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    def frequencies(dim: int, max_period: float = 10000) -> torch.Tensor:
+        """The ``dim // 2`` sinusoid frequencies, float32, computed on the CPU as the official code does."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000,
+                           freqs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if freqs is None:
+            freqs = TimestepEmbedder.frequencies(dim, max_period).to(t.device)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -92,7 +100,12 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        # The frequencies are copied to t's device once, not at every call: a host→GPU copy makes
+        # the host wait for the GPU, a stall at every step of the sampling loop. Not a buffer, so
+        # that casting the model to bfloat16 cannot round them (t·freq reaches 999 rad).
+        if self._freqs is None or self._freqs.device != t.device:
+            self._freqs = self.frequencies(self.frequency_embedding_size).to(t.device)
+        freq = self.timestep_embedding(t, self.frequency_embedding_size, freqs=self._freqs)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
