@@ -182,7 +182,7 @@ def parse_method_spec(spec: str) -> tuple[str, str, dict]:
 def cmd_latency(args) -> None:
     from tqdm import tqdm
 
-    from tokencache.metrics.latency import measure_latency, write_latency_table
+    from tokencache.metrics.latency import DTYPES, measure_latency, random_calibration, write_latency_table
     from tokencache.models.registry import create_model
     from tokencache.run import build_model, resolve_device
 
@@ -198,6 +198,14 @@ def cmd_latency(args) -> None:
     else:
         raise ValueError("give --checkpoint, or --model PRESET to time random weights (cost does not depend on them)")
     model = model.to(device)
+    if args.cast_weights:
+        if args.dtype in (None, "float32"):
+            raise ValueError("--cast-weights needs --dtype bfloat16 or float16")
+        model = model.to(DTYPES[args.dtype])
+    notes = {}
+    if args.random_calibration:  # after the cast: the files carry the weights' checksum
+        methods, notes = random_calibration(methods, model, args.sampler, args.random_calibration,
+                                            reuse_fraction=args.random_router_reuse, seed=args.seed)
     vae = None
     if args.vae and model.in_channels == 4:
         from tokencache.models.vae import load_vae
@@ -207,8 +215,10 @@ def cmd_latency(args) -> None:
     with tqdm(total=total, desc="latency", disable=args.quiet) as bar:
         rows = measure_latency(model, methods, sampler=args.sampler, batch_sizes=args.batch_sizes,
                                cfg_scale=args.cfg_scale, repeats=args.repeats, warmup=args.warmup, device=str(device),
-                               dtype=args.dtype, vae=vae, seed=args.seed, scale_pow=args.scale_pow,
-                               on_run=lambda *a, **k: bar.update(1))
+                               dtype=args.dtype, vae=vae, seed=args.seed, scale_pow=args.scale_pow, tf32=args.tf32,
+                               compile_mode=args.compile, notes=notes, on_run=lambda *a, **k: bar.update(1))
+    if rows[0]["provenance"].get("graphs_compiled_while_timing"):
+        print("tokencache: warning: graphs were compiled during the timed rounds; raise --warmup", file=sys.stderr)
     write_latency_table(rows, args.csv, args.md)
     if args.out:
         from tokencache.run import write_json_atomic
@@ -220,6 +230,14 @@ def cmd_latency(args) -> None:
         for r in rows:
             print(f"{r['label']:<16} batch {r['batch_size']:>4}: {r['sampling_s']['median']:.3f} s, "
                   f"speed-up {r['speedup']:.2f}×, MACs {r['macs_speedup']:.2f}×, realization {r['realization_ratio']:.2f}")
+
+
+def cmd_latency_report(args) -> None:
+    from tokencache.metrics.latency_report import write_latency_report
+
+    result = write_latency_report(args.runs, args.out_dir)
+    _emit(result, args.json, f"wrote {result['csv']}, {result['md']} and {result['plot']} "
+                             f"({result['rows']} rows, {result['configurations']} configurations)")
 
 
 def cmd_merge(args) -> None:
@@ -394,12 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"],
-                   help="autocast dtype (default: float32)")
+                   help="autocast dtype (default: float32); the weights stay float32 unless --cast-weights")
+    p.add_argument("--cast-weights", action="store_true",
+                   help="also cast the weights to --dtype (saves autocast's per-call weight casts)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TF32 for cuBLAS and cuDNN float32 work on/off (default: torch's setting; recorded)")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the blocks' attention and MLP branches (compile time is kept out of the "
+                        "timed rounds and reported; CUDA-graph modes need --warmup 2)")
+    p.add_argument("--random-calibration", default=None, metavar="DIR",
+                   help="write random router/predictor files here for l2c/tokencache given without one "
+                        "(timing only; see results/gpu/README.md)")
+    p.add_argument("--random-router-reuse", type=float, default=0.5,
+                   help="fraction of routed branches the random L2C router reuses (default: 0.5)")
     p.add_argument("--vae", default=None, help="also time end-to-end with this VAE (latent models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--out", default=None, help="JSON of all rows")
+
+    p = add("latency-report", cmd_latency_report,
+            "latency JSON files → latency.csv, latency.md and a realization-ratio plot in one folder")
+    p.add_argument("runs", nargs="+", help="JSON files written by `tokencache latency --out`")
+    p.add_argument("--out-dir", required=True, help="folder for latency.csv, latency.md, realization_ratio.png")
 
     p = add("merge", cmd_merge, "merge sampling shards (npz + their JSON) of one run, in sample order")
     p.add_argument("shards", nargs="+", help="shard .npz files (each with its .json beside it)")

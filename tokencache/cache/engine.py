@@ -79,6 +79,11 @@ class CacheEngine:
         method._record = self._count_overhead
         method.setup(self.info)
         self.attached = False
+        #: Store copies of branch outputs instead of the outputs themselves. Needed when the
+        #: branches run as CUDA graphs (torch.compile modes reduce-overhead / max-autotune): a
+        #: graph's output memory is overwritten by its next replay, so an output kept for a later
+        #: step must be copied out. The copy is part of the method's cost and is timed with it.
+        self.clone_stored = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,7 +171,7 @@ class CacheEngine:
             else:
                 out = fn(x)
             if action.store:
-                self._outputs[key] = out
+                self._outputs[key] = out.clone() if self.clone_stored else out
             self.record.counts[self.step, block, key[1]] = self.num_tokens
             if self._observe is not None:
                 self._observe(self.step, block, name, x=x, output=out, attention=attention)

@@ -22,7 +22,18 @@ How (PROTOCOL.md, "Latency"):
 Noise and labels come from ``sample_generators(seed, range(batch))`` made fresh for every run
 (CPU generators, as ``tokencache sample`` draws them, so the per-step noise draws and their copy
 to the device are inside the timed loop for every method alike); every method samples exactly
-the same images. No ``torch.compile`` (compile mode "none").
+the same images.
+
+GPU options (issue 7; each recorded in the provenance): ``dtype`` runs the loop under
+``torch.autocast`` (weights as given: cast them beforehand, e.g. ``model.to(torch.bfloat16)``,
+to save autocast's per-call weight casts — ``weights_dtype``); ``tf32`` sets TF32 for cuBLAS
+and cuDNN during the measurement; ``compile_mode`` compiles every block's attention and MLP
+branch (:mod:`tokencache.models.compiled`, the same granularity for every method). Compiling
+happens in the warm-up rounds, whose wall time is reported apart (``compile_warmup_s``, and per
+row ``warmup_sampling_s``); ``graphs_compiled_while_timing`` must be 0 for honest numbers. On
+CUDA the loop is also timed with CUDA events (``sampling_event_s``: device time between the
+first and the last kernel the loop queued). Random router / predictor files for timing L2C and
+TokenCache without calibration: :func:`random_calibration`.
 """
 from __future__ import annotations
 
@@ -40,6 +51,8 @@ import torch
 
 from tokencache.cache import attach, get_method
 from tokencache.metrics.flops import cfg_rows_per_image, sampling_macs
+from tokencache.models.compiled import COMPILE_MODES, compiled_branches, graphs_compiled, uses_cuda_graphs
+from tokencache.models.layers import Attention
 from tokencache.sampling import draw_labels, generate, parse_sampler, sample_generators
 
 #: the clock; tests replace it to check the bookkeeping.
@@ -130,8 +143,59 @@ def _git_commit() -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def provenance(device: torch.device, dtype: str = "float32") -> dict:
-    """Everything that moves a latency number: device, versions, dtype, TF32, attention backend."""
+def sdpa_backend(model: torch.nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """The kernel ``F.scaled_dot_product_attention`` picks for the model's full-token attention.
+
+    Asks torch's dispatcher (``torch._fused_sdp_choice``) with the model's shapes, ``rows`` batch
+    rows, the dtype attention sees and MDT's additive bias: e.g. "flash_attention" for DiT in
+    bfloat16, "efficient_attention" for float32 or with a bias, "math" when no fused kernel
+    applies. None where torch cannot say. Attention with an explicit map (ToCa's scoring steps)
+    does not use SDPA; the engine counts those calls (``explicit_attention``).
+    """
+    attn = next((m for m in model.modules() if isinstance(m, Attention)), None)
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if attn is None or choose is None:
+        return None
+    n = int(model.num_tokens)
+    q = torch.zeros(rows, attn.num_heads, n, attn.head_dim, dtype=dtype, device=device)
+    mask = None if attn.rel_pos_bias is None else torch.zeros(1, attn.num_heads, n, n, dtype=dtype, device=device)
+    try:
+        choice = int(choose(q, q, q, mask, 0.0, False))
+    except (RuntimeError, TypeError):
+        return None
+    from torch.nn.attention import SDPBackend
+
+    names = {int(getattr(SDPBackend, k)): k.lower() for k in dir(SDPBackend) if k.isupper()}
+    return names.get(choice, str(choice))
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: Optional[bool]):
+    """TF32 for cuBLAS matmuls and cuDNN on (True) or off (False) inside; None leaves torch's setting.
+
+    ``allow_tf32`` on the matmul side is the float32 matmul precision "high" (off: "highest");
+    both settings are restored on exit.
+    """
+    if enabled is None:
+        yield
+        return
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def provenance(device: torch.device, dtype: str = "float32", **extra) -> dict:
+    """Everything that moves a latency number: device, versions, dtype, TF32, attention backend.
+
+    ``extra`` adds or overrides fields (the measurement adds weights_dtype, tf32_requested,
+    sdpa_backend, compile_mode, compile_backend, cuda_graphs, compile_warmup_s,
+    graphs_compiled, graphs_compiled_while_timing, timer).
+    """
     info = {
         "device": str(device),
         "device_name": _cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -156,6 +220,7 @@ def provenance(device: torch.device, dtype: str = "float32") -> dict:
         "compile_mode": "none",
         "git_commit": _git_commit(),
     }
+    info.update(extra)
     if device.type == "cuda":
         driver = getattr(torch._C, "_cuda_getDriverVersion", None)
         info["driver_version"] = driver() if driver is not None else None
@@ -169,17 +234,24 @@ def provenance(device: torch.device, dtype: str = "float32") -> dict:
 
 
 def _run_once(model, method_name: str, params: dict, sampler: str, batch_size: int, cfg_scale: float,
-              scale_pow, seed: int, device: torch.device, autocast, vae, memory: _Memory) -> dict:
+              scale_pow, seed: int, device: torch.device, autocast, vae, memory: _Memory,
+              clone_stored: bool = False) -> dict:
     """Sample one batch with ``method``; return timings, peak memory and the engine's summary."""
     with attach(model, get_method(method_name, **params), sampler) as engine:
+        engine.clone_stored = clone_stored
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else None
         memory.start()
         start = _now(device)
         gens = sample_generators(seed, range(batch_size))  # CPU generators, as `tokencache sample`
         labels = draw_labels(gens, model.num_classes)
         with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
             loop_start = _now(device)
+            if events:
+                events[0].record()
             x = generate(model, engine.sampler, labels, gens, cfg_scale=cfg_scale, scale_pow=scale_pow,
                          step_listener=engine.step_listener)
+            if events:
+                events[1].record()
             loop_end = _now(device)
             peak = memory.stop()  # before decode: the transformer's memory, caches still alive
             if vae is not None:
@@ -190,7 +262,7 @@ def _run_once(model, method_name: str, params: dict, sampler: str, batch_size: i
         end = _now(device)
         summary = engine.summary(counts=True)
     return {"sampling_s": loop_end - loop_start, "end_to_end_s": end - start, "peak_memory_bytes": peak,
-            "summary": summary}
+            "sampling_event_s": events[0].elapsed_time(events[1]) / 1000 if events else None, "summary": summary}
 
 
 # --------------------------------------------------------------------------- the measurement
@@ -199,23 +271,34 @@ def _run_once(model, method_name: str, params: dict, sampler: str, batch_size: i
 def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, dict]], sampler: str = "ddim50",
                     batch_sizes: Sequence[int] = (1,), cfg_scale: float = 1.5, repeats: int = 5, warmup: int = 1,
                     device: Optional[str] = None, dtype: Optional[str] = None, vae=None, seed: int = 0,
-                    scale_pow: Optional[float] = None,
+                    scale_pow: Optional[float] = None, tf32: Optional[bool] = None, compile_mode: str = "none",
+                    compile_backend: str = "inductor", notes: Optional[dict] = None,
                     on_run: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Time ``methods`` (``(label, method_name, params)``) interleaved; one row per (method, batch).
 
     ``sampler`` is the requested sampler (``steps`` runs its reduced one); ``dtype`` None or
-    "float32" runs as is, "bfloat16"/"float16" run the sampling under ``torch.autocast`` (weights
-    stay float32). ``device`` None keeps the model's device (the model is moved in place otherwise).
-    ``on_run(event)`` is called after
-    every run with {"round", "warmup", "batch_size", "label"} (call order, for checks and logs).
+    "float32" runs as is, "bfloat16"/"float16" run the sampling under ``torch.autocast``. The
+    weights are used as they are (``weights_dtype`` in the provenance): float32 weights under
+    autocast are cast at every call, bfloat16/float16 weights (cast beforehand) are not, and
+    need autocast, which casts the float32 noise and activations. ``tf32`` True/False sets TF32
+    during the measurement (None: torch's setting). ``compile_mode`` ("none", "default",
+    "reduce-overhead", "max-autotune") compiles the block branches with ``compile_backend``
+    (see :mod:`tokencache.models.compiled`); it needs ``warmup`` ≥ 1, and ≥ 2 where the
+    branches become CUDA graphs (recorded at their second call, replayed from the third).
+    ``device`` None keeps the model's device (the model is moved in place otherwise).
+    ``notes`` ({label: text}) is copied into the rows (e.g. "random router, timing only").
+    ``on_run(event)`` is called after every run with {"round", "warmup", "batch_size", "label"}
+    (call order, for checks and logs).
 
-    Row keys: label, method, params, batch_size, sampler, requested_sampler, cfg_scale, repeats,
-    warmup, sampling_s / end_to_end_s ({median, q1, q3, iqr, min, max, values}),
-    images_per_s (batch ÷ median sampling time), images_per_s_end_to_end, speedup and
-    speedup_end_to_end (median of the ``full`` row of this batch size ÷ this median; None
-    without a ``full`` row), macs_per_image, macs_per_image_full, macs_speedup,
-    overhead_macs_per_image, realization_ratio (speedup ÷ macs_speedup), peak_memory_bytes
-    (median over repeats), memory_kind, vae_decode (bool), provenance.
+    Row keys: label, method, params, model, batch_size, sampler, requested_sampler, cfg_scale,
+    repeats, warmup, sampling_s / end_to_end_s ({median, q1, q3, iqr, min, max, values}),
+    sampling_event_s (the same from CUDA events; None off CUDA), warmup_sampling_s (the warm-up
+    runs' loop times, compile included), images_per_s (batch ÷ median sampling time),
+    images_per_s_end_to_end, speedup and speedup_end_to_end (median of the ``full`` row of this
+    batch size ÷ this median; None without a ``full`` row), macs_per_image,
+    macs_per_image_full, macs_speedup, overhead_macs_per_image, realization_ratio (speedup ÷
+    macs_speedup), peak_memory_bytes (median over repeats), memory_kind, vae_decode (bool),
+    note, provenance.
     """
     if not methods:
         raise ValueError("measure_latency needs at least one method")
@@ -227,33 +310,62 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
     dtype_name = dtype or "float32"
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     for _, name, params in methods:  # bad names/params fail before anything is timed
         get_method(name, **params)
     parse_sampler(sampler)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for but torch sees no CUDA device")
+    graphs = uses_cuda_graphs(compile_mode, dev)
+    if compile_mode != "none" and warmup < (2 if graphs else 1):
+        raise ValueError(f"compile mode {compile_mode} needs warmup ≥ {2 if graphs else 1} (compiling"
+                         f"{' and CUDA-graph recording' if graphs else ''} must not be timed)")
+    weights_dtype = next(model.parameters()).dtype
+    if weights_dtype != torch.float32 and DTYPES[dtype_name] is None:
+        raise ValueError(f"the weights are {weights_dtype}: give dtype bfloat16/float16 (autocast casts the "
+                         "float32 noise and activations to them)")
     model = model.to(dev).eval()
     if vae is not None:
         vae = vae.to(dev).eval()
     family = model.config["family"] if hasattr(model, "config") else type(model).__name__
     cfg = cfg_rows_per_image(family, cfg_scale) == 2
     memory = _Memory(dev)
+    autocast = DTYPES[dtype_name]
 
     records: dict[tuple[str, int], list[dict]] = {(label, b): [] for label in labels for b in batch_sizes}
-    for round_index in range(warmup + repeats):
-        for b in batch_sizes:
-            for label, name, params in methods:
-                result = _run_once(model, name, params, sampler, b, cfg_scale, scale_pow, seed, dev,
-                                   DTYPES[dtype_name], vae, memory)
-                is_warmup = round_index < warmup
-                if not is_warmup:
-                    records[(label, b)].append(result)
-                if on_run is not None:
-                    on_run({"round": round_index, "warmup": is_warmup, "batch_size": b, "label": label})
+    warm: dict[tuple[str, int], list[float]] = {(label, b): [] for label in labels for b in batch_sizes}
+    with tf32_mode(tf32), compiled_branches(model, compile_mode, compile_backend):
+        compiled_at_start = graphs_compiled() if compile_mode != "none" else 0
+        start = _now(dev)
+        for round_index in range(warmup + repeats):
+            if round_index == warmup:
+                warmup_s = _now(dev) - start
+                compiled_in_warmup = graphs_compiled() if compile_mode != "none" else 0
+            for b in batch_sizes:
+                for label, name, params in methods:
+                    result = _run_once(model, name, params, sampler, b, cfg_scale, scale_pow, seed, dev,
+                                       autocast, vae, memory, clone_stored=graphs)
+                    is_warmup = round_index < warmup
+                    (warm[(label, b)].append(result["sampling_s"]) if is_warmup
+                     else records[(label, b)].append(result))
+                    if on_run is not None:
+                        on_run({"round": round_index, "warmup": is_warmup, "batch_size": b, "label": label})
+        compiled_at_end = graphs_compiled() if compile_mode != "none" else 0
+        rows_per_image = 2 if cfg else 1
+        attention_dtype = autocast or weights_dtype
+        prov = provenance(
+            dev, dtype_name, weights_dtype=str(weights_dtype).replace("torch.", ""), tf32_requested=tf32,
+            sdpa_backend={str(b): sdpa_backend(model, b * rows_per_image, attention_dtype, dev) for b in batch_sizes},
+            compile_mode=compile_mode, compile_backend=None if compile_mode == "none" else compile_backend,
+            cuda_graphs=graphs, compile_warmup_s=warmup_s,
+            graphs_compiled=compiled_in_warmup - compiled_at_start,
+            graphs_compiled_while_timing=compiled_at_end - compiled_in_warmup,
+            timer="perf_counter after torch.cuda.synchronize + CUDA events" if dev.type == "cuda" else "perf_counter")
 
-    prov = provenance(dev, dtype_name)
     rows = []
+    model_name = getattr(model, "config", {}).get("name")
     for b in batch_sizes:
         for label, name, params in methods:
             runs = records[(label, b)]
@@ -261,18 +373,21 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
             macs = sampling_macs(model, summary, cfg=cfg)
             sampling = _spread([r["sampling_s"] for r in runs])
             e2e = _spread([r["end_to_end_s"] for r in runs])
+            events = [r["sampling_event_s"] for r in runs]
             peaks = [r["peak_memory_bytes"] for r in runs if r["peak_memory_bytes"] is not None]
             rows.append({
-                "label": label, "method": name, "params": dict(params), "batch_size": b,
+                "label": label, "method": name, "params": dict(params), "model": model_name, "batch_size": b,
                 "sampler": summary["sampler"], "requested_sampler": summary["requested_sampler"],
                 "cfg_scale": cfg_scale, "repeats": repeats, "warmup": warmup,
                 "sampling_s": sampling, "end_to_end_s": e2e,
+                "sampling_event_s": _spread(events) if None not in events else None,
+                "warmup_sampling_s": warm[(label, b)],
                 "images_per_s": b / sampling["median"], "images_per_s_end_to_end": b / e2e["median"],
                 "macs_per_image": macs["macs_per_image"], "macs_per_image_full": macs["macs_per_image_full"],
                 "macs_speedup": macs["macs_speedup"], "overhead_macs_per_image": macs["overhead_macs_per_image"],
                 "cfg_included": macs["cfg_included"],
                 "peak_memory_bytes": int(np.median(peaks)) if peaks else None, "memory_kind": memory.kind,
-                "vae_decode": vae is not None, "provenance": prov,
+                "vae_decode": vae is not None, "note": (notes or {}).get(label), "provenance": prov,
             })
     _add_speedups(rows)
     return rows
@@ -292,6 +407,63 @@ def _add_speedups(rows: list[dict]) -> None:
         row["speedup"] = ref["sampling_s"]["median"] / row["sampling_s"]["median"]
         row["speedup_end_to_end"] = ref["end_to_end_s"]["median"] / row["end_to_end_s"]["median"]
         row["realization_ratio"] = row["speedup"] / row["macs_speedup"]
+
+
+# --------------------------------------------------------------------------- calibration stand-ins
+
+
+def random_calibration(methods: Sequence[tuple[str, str, dict]], model: torch.nn.Module, sampler: str,
+                       directory, reuse_fraction: float = 0.5, seed: int = 0) -> tuple[list, dict]:
+    """Give ``l2c`` and ``tokencache`` entries without a router / predictor a random one (timing only).
+
+    Latency does not need trained calibration where the cost does not depend on it, so the
+    files are written for ``model`` as it is now (device and weight dtype: the files carry a
+    parameter checksum) into ``directory``:
+
+    * TokenCache predictor: N(0, 1) logits. The tokens computed per step are set by ρ, β and the
+      TPRR schedule, not by the predictor's values (which only pick *which* tokens and blocks),
+      so the MACs and the timing are those of a trained predictor.
+    * L2C router: on every routed step, a random ``reuse_fraction`` of the (block, branch) pairs
+      get logit −5 (σ ≈ 0.007, reused at any θ ≥ 0.01), the others +5. A trained router's reuse
+      fraction depends on its training; the speed-up of this row is that of the stand-in, while
+      its realization ratio (speed-up ÷ MACs speed-up) is comparable.
+
+    Returns the updated method list and {label: note} for :func:`measure_latency`'s ``notes``.
+    """
+    from tokencache.cache import save_predictor, save_router
+    from tokencache.cache.router import routed_indices
+
+    if not 0.0 <= reuse_fraction <= 1.0:
+        raise ValueError(f"reuse_fraction must be in [0, 1], got {reuse_fraction}")
+    spec = parse_sampler(sampler)
+    directory = Path(directory)
+    generator = torch.Generator().manual_seed(seed)
+    blocks, tokens = int(model.block_count), int(model.num_tokens)
+    model_name = getattr(model, "config", {}).get("name") or type(model).__name__
+    out, notes = [], {}
+    for label, name, params in methods:
+        params = dict(params)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{model_name}-{label}")
+        if name == "l2c" and not params.get("router"):
+            logits = torch.full((spec.steps, blocks, 2), 5.0)
+            reused = round(reuse_fraction * blocks * 2)
+            for i in routed_indices(spec.steps):
+                pick = torch.randperm(blocks * 2, generator=generator)[:reused]
+                logits[i].view(-1)[pick] = -5.0
+            path = directory / f"{safe}-random-router-{spec.name}.pt"
+            save_router(path, logits, model, spec, training={"random": True, "reuse_fraction": reuse_fraction,
+                                                             "seed": seed, "purpose": "latency only"})
+            params["router"] = str(path)
+            notes[label] = f"random router (timing only): {reuse_fraction:.0%} of routed branches reused"
+        elif name == "tokencache" and not params.get("predictor"):
+            logits = torch.randn(spec.steps, blocks, tokens, generator=generator)
+            path = directory / f"{safe}-random-predictor-{spec.name}.pt"
+            save_predictor(path, logits, model, spec, training={"random": True, "seed": seed,
+                                                                "purpose": "latency only"})
+            params["predictor"] = str(path)
+            notes[label] = "random predictor (timing only; token counts do not depend on it)"
+        out.append((label, name, params))
+    return out, notes
 
 
 # --------------------------------------------------------------------------- tables

@@ -258,7 +258,8 @@ class TransformerBlock(nn.Module):
     Output = x + gate_msa·Attn(modulate(LN(x))) then + gate_mlp·MLP(modulate(LN(x))). With
     ``skip`` (MDTv2's long skips), the input is first ``skip_linear(cat[x, skip])``.
     ``attn_branch``/``mlp_branch`` return the pre-gate branch outputs (what caching methods
-    store and re-gate with the current step's gates).
+    store and re-gate with the current step's gates); ``forward`` hands them to the engine as
+    closures over this step's adaLN shift and scale.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
@@ -271,19 +272,31 @@ class TransformerBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
 
+    def attn_branch(self, h, shift, scale, tokens=None, token_ids=None, return_attention=False):
+        """Attention branch before its gate: Attn(modulate(LN(h))), optionally for ``tokens`` only.
+
+        A method (not a closure) so that :func:`tokencache.models.compile.compile_branches` can
+        compile it once for every block, leaving the caching engine between branches eager.
+        """
+        return self.attn(modulate(self.norm1(h), shift, scale), query_index=tokens, token_ids=token_ids,
+                         return_attention=return_attention)
+
+    def mlp_branch(self, h, shift, scale, tokens=None):
+        """MLP branch before its gate: MLP(modulate(LN(h))), on ``tokens`` only when given."""
+        if tokens is not None:
+            h = gather_tokens(h, tokens)
+        return self.mlp(modulate(self.norm2(h), shift, scale))
+
     def forward(self, x, c, skip=None, token_ids=None, ctx: Optional[CacheContext] = None, index: int = 0):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
 
         def attn_branch(h, tokens=None, return_attention=False):
-            return self.attn(modulate(self.norm1(h), shift_msa, scale_msa), query_index=tokens,
-                             token_ids=token_ids, return_attention=return_attention)
+            return self.attn_branch(h, shift_msa, scale_msa, tokens, token_ids, return_attention)
 
         def mlp_branch(h, tokens=None):
-            if tokens is not None:
-                h = gather_tokens(h, tokens)
-            return self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+            return self.mlp_branch(h, shift_mlp, scale_mlp, tokens)
 
         if ctx is None:
             x = x + gate_msa.unsqueeze(1) * attn_branch(x)
