@@ -115,13 +115,17 @@ class TokenCache(CacheMethod):
         self.tokens = {}
         if self.token_choice in ("predictor", "random"):
             generator = torch.Generator().manual_seed(self.seed)
+            chosen = {}
             for (t, l), k in sorted(self.keep.items()):
                 if 0 < k < N:
                     if self.token_choice == "predictor":
-                        order = torch.argsort(w[t, l], descending=True, stable=True)
+                        chosen[t, l] = torch.argsort(w[t, l], descending=True, stable=True)[:k]
                     else:
-                        order = torch.randperm(N, generator=generator)
-                    self.tokens[t, l] = order[:k].unsqueeze(0).to(device)
+                        chosen[t, l] = torch.randperm(N, generator=generator)[:k]
+            if chosen:  # one host→device copy for the whole schedule
+                stacked = torch.cat(list(chosen.values())).to(device)
+                for key, part in zip(chosen, torch.split(stacked, [len(v) for v in chosen.values()])):
+                    self.tokens[key] = part.unsqueeze(0)
         self.needs_attention = self.token_choice == "attention" and any(0 < k < N for k in self.keep.values())
         self.full_attention = Compute(attention=True) if self.needs_attention else COMPUTE
 
