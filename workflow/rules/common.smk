@@ -1,7 +1,22 @@
 # Helpers shared by the rules: config validation, names of outputs.
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
+
+def validate_config():
+    """Schema validation (fills defaults); a mistake ends in one line naming the key, e.g.
+    ``config: num_samples: -8 is less than the minimum of 1``."""
+    try:
+        validate(config, schema="../schemas/config.schema.yaml")
+    except WorkflowError as err:
+        cause = err.__cause__ or err.__context__  # jsonschema's ValidationError
+        if not hasattr(cause, "absolute_path"):
+            raise
+        key = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
+        raise ValueError(f"config: {key}: {cause.message}") from None
+
+
+validate_config()
 
 RESULTS = f"results/{config['name']}"
 BACKBONES = list(config["backbones"])
@@ -111,9 +126,42 @@ def run_dirs(methods=None):
             if runs_method(label, m, s)]
 
 
+def predictor_files():
+    """The TokenCache predictor files the runs use (trained ones for ``predictor: auto``), sorted."""
+    files = set()
+    for m in MODEL_IDS:
+        for s in SAMPLERS:
+            for label, spec in METHODS.items():
+                path = spec.get("params", {}).get("predictor")
+                if path is not None and runs_method(label, m, s):
+                    files.add(trained_path("predictor", m, s) if path == "auto" else path)
+    return sorted(files)
+
+
+#: TokenCache parameters varied by the ablation (a label setting any of them is an ablation run)
+ABLATION_KEYS = ("token_choice", "block_selection", "k1", "k2")
+
+
+def ablation_labels():
+    """Labels of TokenCache runs that set an ablation parameter (token choice, block selection, schedule)."""
+    return [label for label, spec in METHODS.items()
+            if spec["method"] == "tokencache" and any(k in spec.get("params", {}) for k in ABLATION_KEYS)]
+
+
+def plot_outputs():
+    """The figures of the ``plots`` rule (name → path); the importance maps only when predictors exist."""
+    names = ["pareto_macs", "pareto_latency", "macs_vs_fid", "token_fraction"]
+    if predictor_files():
+        names.append("predictor_importance")
+    return {name: f"{RESULTS}/plots/{name}.png" for name in names}
+
+
 def final_outputs():
     return [
         f"{RESULTS}/tables/main.csv",
         f"{RESULTS}/tables/main.md",
+        f"{RESULTS}/tables/ablation.csv",
+        f"{RESULTS}/tables/ablation.md",
+        *plot_outputs().values(),
         f"{RESULTS}/plots/samples_grid.png",
     ]

@@ -1,25 +1,56 @@
-# Reporting stage: tables and plots read only the small JSON files of the runs.
+# Reporting stage: tables and plots read only the small JSON/CSV files of the runs (and, for the
+# importance maps, the predictor files). Everything marked report(...) goes into
+# `snakemake --report report.html`, under its category, with the caption in workflow/report/.
 
 
 rule tables:
     input:
         metrics=[f"{d}/metrics.json" for d in run_dirs()],
         runs=[f"{d}/run.json" for d in run_dirs()],
+        reported=config["reported"],
     output:
-        csv=report(f"{RESULTS}/tables/main.csv", category="Tables"),
+        csv=report(f"{RESULTS}/tables/main.csv", category="Tables", caption="../report/main_table.rst"),
         md=f"{RESULTS}/tables/main.md",
         tex=f"{RESULTS}/tables/main.tex",
+        ablation_csv=report(f"{RESULTS}/tables/ablation.csv", category="Tables",
+                            caption="../report/ablation_table.rst"),
+        ablation_md=f"{RESULTS}/tables/ablation.md",
+    params:
+        ablation_labels=ablation_labels(),
     log:
         f"{RESULTS}/logs/tables.log",
     script:
         "../scripts/tables.py"
 
 
+PLOT_CAPTIONS = {
+    "pareto_macs": "pareto.rst",
+    "pareto_latency": "pareto.rst",
+    "macs_vs_fid": "macs_vs_fid.rst",
+    "token_fraction": "token_fraction.rst",
+    "predictor_importance": "predictor_importance.rst",
+}
+
+
+rule plots:
+    input:
+        table=rules.tables.output.csv,
+        runs=[f"{d}/run.json" for d in run_dirs()],
+        predictors=predictor_files(),
+    output:
+        **{name: report(path, category="Plots", caption=f"../report/{PLOT_CAPTIONS[name]}")
+           for name, path in plot_outputs().items()},
+    log:
+        f"{RESULTS}/logs/plots.log",
+    script:
+        "../scripts/plots.py"
+
+
 rule sample_grid:
     input:
         npz=[f"{d}/samples.npz" for d in run_dirs()],
     output:
-        png=report(f"{RESULTS}/plots/samples_grid.png", category="Samples"),
+        png=report(f"{RESULTS}/plots/samples_grid.png", category="Samples", caption="../report/samples_grid.rst"),
     params:
         n=config.get("grid_samples", 20),
     log:

@@ -1,4 +1,9 @@
-"""A grid of the first samples of every run: same noise and labels in every column."""
+"""A grid of the first samples of every run: same noise and labels in every row.
+
+Row = one run (model / sampler / label), column = sample index; the class label is under each
+image. Written atomically (a temporary file, then a rename).
+"""
+import os
 from pathlib import Path
 
 import matplotlib
@@ -8,12 +13,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def first_samples(path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` images and labels of a sample npz, copied (50,000 images must not stay in memory)."""
+    with np.load(path) as data:
+        return np.array(data["arr_0"][:n]), np.array(data["arr_1"][:n])
+
+
 def main(paths, png, n):
     rows = []
     for path in paths:
-        data = np.load(path)
         parts = Path(path).parts
-        rows.append((" / ".join(parts[-4:-1]), data["arr_0"][:n], data["arr_1"][:n]))
+        rows.append((" / ".join(parts[-4:-1]), *first_samples(path, n)))
     fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.45 + 2.5, len(rows) * 0.7 + 0.4), squeeze=False)
     for ax, (title, images, labels) in zip(axes[:, 0], rows):
         strip = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], axis=1)
@@ -25,7 +35,9 @@ def main(paths, png, n):
     fig.suptitle("samples (label under each; same noise and label in every row)", fontsize=9)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=150)
+    tmp = Path(png).with_name(f".{Path(png).name}.part")
+    fig.savefig(tmp, format="png", dpi=150)
+    os.replace(tmp, png)
 
 
 if __name__ == "__main__" and "snakemake" in globals():

@@ -1,41 +1,191 @@
-"""Main table: one row per (model, sampler, method), in the layout of the caching papers."""
+"""Result tables: the main table and the TokenCache ablation, from the runs' small JSON files.
+
+* ``main.{csv,md,tex}``: one row per (model, sampler, run label), in the layout of the caching
+  papers: MACs per image and MACs speed-up, measured latency and its speed-up over ``full``,
+  quality (FID, sFID, IS, precision, recall, class consistency) and fidelity to the ``full``
+  images (PSNR, SSIM). ``reported_fid``/``reported_source`` hold a published FID where the row's
+  backbone, sampler, guidance and method match an entry of the ``reported`` YAML (on the digits
+  testbed none match and the columns stay empty; PROTOCOL.md: published numbers only in a
+  column labelled "reported").
+* ``ablation.{csv,md}``: the TokenCache runs of every (model, sampler) that has ablation runs
+  (labels whose method is ``tokencache`` and that set token_choice, block_selection or k1/k2),
+  one column per setting, then MACs speed-up, FID, sFID and PSNR to ``full``; a one-line table
+  saying so when the config has no ablation runs.
+
+Every file is written atomically (a temporary file, then a rename).
+"""
 import json
+import math
+import os
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 COLUMNS = ["model", "sampler", "method", "setting", "macs_g_per_image", "macs_speedup", "latency_s_per_image",
            "speedup", "fid", "sfid", "inception_score", "precision", "recall", "class_consistency", "psnr_to_full",
-           "ssim_to_full", "num_samples"]
+           "ssim_to_full", "reported_fid", "reported_source", "num_samples"]
+
+ABLATION_COLUMNS = ["model", "sampler", "method", "varied", "token_choice", "block_selection", "schedule",
+                    "cache_ratio", "block_ratio", "macs_speedup", "fid", "sfid", "psnr_to_full"]
 
 
-def row(metrics_path: str, run_path: str) -> dict:
+def write_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_key(metrics_path: str) -> tuple[str, str, str]:
+    """(model id, sampler, run label) of ``runs/<model>/<sampler>/<label>/metrics.json``."""
     parts = Path(metrics_path).parts
-    model, sampler, method = parts[-4], parts[-3], parts[-2]
-    metrics = json.loads(Path(metrics_path).read_text())
-    run = json.loads(Path(run_path).read_text())
+    return parts[-4], parts[-3], parts[-2]
+
+
+def setting_text(params: dict) -> str:
+    """A run's method parameters as ``k=v, …`` (trained-file paths left out: they name no setting)."""
+    return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None and k not in ("router", "predictor"))
+
+
+# ---------------------------------------------------------------------------------- reported FIDs
+
+
+def load_reported(path) -> list[dict]:
+    """Entries of the reported-FID YAML (a list of mappings; see config/reported.yaml)."""
+    if not path or not Path(path).is_file():
+        return []
+    return yaml.safe_load(Path(path).read_text()) or []
+
+
+def matches(entry: dict, sampler: str, run: dict) -> bool:
+    """Whether a published number was measured on this run's backbone, sampler, guidance and method.
+
+    ``model`` is the preset name recorded with the run; optional keys narrow the match:
+    ``input_size`` (latent side: 32 = 256 px), ``cfg_scale``, ``scale_pow``, ``steps`` (steps
+    actually sampled, e.g. 125 for fewer steps) and ``params`` (a subset of the method's values).
+    """
+    config, request, cache = run["model_config"], run["request"], run["cache"]
+    checks = [
+        entry["model"] == config["name"],
+        entry["sampler"] == sampler,
+        entry["method"] == cache["method"],
+        "input_size" not in entry or entry["input_size"] == config.get("input_size"),
+        "cfg_scale" not in entry or math.isclose(entry["cfg_scale"], float(request["cfg_scale"])),
+        "scale_pow" not in entry or math.isclose(entry["scale_pow"], float(request["scale_pow"])),
+        "steps" not in entry or entry["steps"] == run.get("steps"),
+        all(cache["params"].get(k) == v for k, v in entry.get("params", {}).items()),
+    ]
+    return all(checks)
+
+
+def reported_columns(entries: list[dict], sampler: str, run: dict) -> dict:
+    """``reported_fid`` (the first verified match, else the first) and every match with its source."""
+    found = [e for e in entries if matches(e, sampler, run)]
+    if not found:
+        return {"reported_fid": None, "reported_source": None}
+    found.sort(key=lambda e: not e.get("verified", False))  # stable: verified first, YAML order kept
+    sources = "; ".join(f"{e['fid']:g} {e['source']}{'' if e.get('verified', False) else ' (unverified)'}"
+                        for e in found)
+    return {"reported_fid": found[0]["fid"], "reported_source": sources}
+
+
+# ---------------------------------------------------------------------------------- main table
+
+
+def row(metrics_path: str, run_path: str, reported: list[dict]) -> dict:
+    """One main-table row from a run's metrics.json and run.json."""
     from tokencache.metrics.flops import run_macs
 
+    model, sampler, label = run_key(metrics_path)
+    metrics = json.loads(Path(metrics_path).read_text())
+    run = json.loads(Path(run_path).read_text())
     macs = run_macs(run)
-    setting = ", ".join(f"{k}={v}" for k, v in run["cache"]["params"].items() if v is not None and k != "router")
-    out = {"model": model, "sampler": sampler, "method": method, "setting": setting or "—",
+    setting = setting_text(run["cache"]["params"]) or "—"
+    out = {"model": model, "sampler": sampler, "method": label, "setting": setting,
            "num_samples": run["num_samples"], "latency_s_per_image": run["seconds"] / run["num_samples"],
            "macs_g_per_image": macs["macs_per_image"] / 1e9, "macs_speedup": macs["macs_speedup"]}
     out.update({k: metrics.get(k) for k in COLUMNS if k in metrics})
+    out.update(reported_columns(reported, sampler, run))
     return out
 
 
-def main(metrics, runs, csv, md, tex):
-    table = pd.DataFrame([row(m, r) for m, r in zip(metrics, runs)])
+def main_table(metrics: list[str], runs: list[str], reported: list[dict]) -> pd.DataFrame:
+    """All rows, the latency speed-up over each (model, sampler)'s ``full`` run, sorted by cost."""
+    table = pd.DataFrame([row(m, r, reported) for m, r in zip(metrics, runs)])
     full = table[table.method == "full"].set_index(["model", "sampler"])["latency_s_per_image"]
     table["speedup"] = [full[(m, s)] / lat for m, s, lat in zip(table.model, table.sampler, table.latency_s_per_image)]
-    table = table[[c for c in COLUMNS if c in table.columns]].sort_values(["model", "sampler", "macs_g_per_image"],
-                                                                         ascending=[True, True, False])
-    table.to_csv(csv, index=False)
-    Path(md).write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
-    Path(tex).write_text(table.to_latex(index=False, float_format="%.4g"))
+    table = table[[c for c in COLUMNS if c in table.columns]]
+    return table.sort_values(["model", "sampler", "macs_g_per_image"], ascending=[True, True, False])
+
+
+# ---------------------------------------------------------------------------------- ablation
+
+
+def schedule_text(params: dict, sampler: str) -> str:
+    """TokenCache's I-step schedule: ``TPRR K1=3, K2=2`` or ``fixed K=2`` (k2 = k1), defaults resolved."""
+    from tokencache.cache.token_cache import DEFAULT_INTERVALS
+
+    default_k1, default_k2 = DEFAULT_INTERVALS["ddpm" if sampler.startswith("ddpm") else "ddim"]
+    k1 = default_k1 if params.get("k1") is None else params["k1"]
+    k2 = default_k2 if params.get("k2") is None else params["k2"]
+    return f"fixed K={k1}" if k1 == k2 else f"TPRR K1={k1}, K2={k2}"
+
+
+def ablation_table(table: pd.DataFrame, runs: list[str], labels: list[str]) -> pd.DataFrame:
+    """The TokenCache runs of every (model, sampler) with ablation runs, settings then results.
+
+    ``varied`` names what the label changes from TokenCache's defaults (its config parameters,
+    the predictor file aside); "default" marks the reference row, which comes first, then other
+    strengths of TokenCache, then the ablation runs.
+    """
+    by_key = {run_key(path): json.loads(Path(path).read_text()) for path in runs}
+    scopes = {(m, s) for (m, s, label) in by_key if label in labels}
+    rows = []
+    for (model, sampler, label), run in sorted(by_key.items()):
+        if (model, sampler) not in scopes or run["cache"]["method"] != "tokencache":
+            continue
+        params = run["cache"]["params"]
+        requested = run["request"].get("method_params", {})
+        varied = ", ".join(f"{k}={v}" for k, v in requested.items() if k != "predictor") or "default"
+        result = table[(table.model == model) & (table.sampler == sampler) & (table.method == label)].iloc[0]
+        rows.append({"model": model, "sampler": sampler, "method": label, "varied": varied,
+                     "token_choice": params.get("token_choice"), "block_selection": params.get("block_selection"),
+                     "schedule": schedule_text(params, run["cache"].get("requested_sampler", sampler)),
+                     "cache_ratio": params.get("cache_ratio"), "block_ratio": params.get("block_ratio"),
+                     **{k: result.get(k) for k in ("macs_speedup", "fid", "sfid", "psnr_to_full")},
+                     "_order": 2 if label in labels else (0 if varied == "default" else 1)})
+    ablation = pd.DataFrame(rows)
+    ablation = ablation.sort_values(["model", "sampler", "_order", "method"]).drop(columns="_order")
+    return ablation[ABLATION_COLUMNS]
+
+
+NO_ABLATION = ("No ablation runs were configured: add `methods:` labels with `method: tokencache` that set "
+               "token_choice, block_selection or k1/k2 (k2 = k1: one fixed interval).")
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def main(metrics, runs, reported_path, ablation_labels, out) -> None:
+    """Write main.{csv,md,tex} and ablation.{csv,md} (``out``: output name → path)."""
+    table = main_table(list(metrics), list(runs), load_reported(reported_path))
+    write_atomic(out["csv"], table.to_csv(index=False))
+    write_atomic(out["md"], table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_atomic(out["tex"], table.to_latex(index=False, float_format="%.4g", escape=True, na_rep="--"))
+
+    if ablation_labels:
+        ablation = ablation_table(table, list(runs), list(ablation_labels))
+        write_atomic(out["ablation_csv"], ablation.to_csv(index=False))
+        write_atomic(out["ablation_md"], ablation.to_markdown(index=False, floatfmt=".4g") + "\n")
+    else:
+        write_atomic(out["ablation_csv"], pd.DataFrame({"note": [NO_ABLATION]}).to_csv(index=False))
+        write_atomic(out["ablation_md"], NO_ABLATION + "\n")
 
 
 if __name__ == "__main__" and "snakemake" in globals():
-    main(snakemake.input.metrics, snakemake.input.runs, snakemake.output.csv,  # noqa: F821
-         snakemake.output.md, snakemake.output.tex)  # noqa: F821
+    sm = snakemake  # noqa: F821
+    main(sm.input.metrics, sm.input.runs, sm.input.reported, sm.params.ablation_labels,
+         {name: getattr(sm.output, name) for name in ("csv", "md", "tex", "ablation_csv", "ablation_md")})

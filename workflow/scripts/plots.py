@@ -1,0 +1,251 @@
+"""Figures of a finished workflow run, read from ``tables/main.csv`` and the runs' ``run.json``.
+
+* ``pareto_macs.png`` / ``pareto_latency.png``: speed-up (MACs / measured latency) against FID,
+  one panel per model and sampler, one curve per *method* through its run labels (a sweep over
+  caching strength; a label is written beside its point unless it is the method's name) in order
+  of speed-up. ``steps`` (fewer sampling steps, starting from the
+  full model) is the reference curve every cache has to beat; ``full`` is the star at 1×. The
+  Pareto front of all points of a panel (nothing is both faster and better) is the thick band.
+* ``macs_vs_fid.png``: MACs per generated image (CFG included) against FID, the same curves.
+* ``token_fraction.png``: per sampling step, the fraction of tokens a run computed (attention
+  and MLP of every block; 1 = a full step), one row per model and sampler, one column per method.
+* ``predictor_importance.png`` (only when TokenCache predictors exist): each Cache Predictor's
+  importance w averaged over tokens, block × sampling step.
+
+Every figure is written atomically (a temporary file, then a rename).
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # noqa: E402
+
+#: methods drawn in this order and style; any other method gets the next palette colour
+FIRST_METHODS = ["full", "steps"]
+FIXED_COLOURS = {"full": "black", "steps": "0.45"}
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">"]
+
+
+def save_atomic(fig, path) -> None:
+    """Save a figure as PNG through a temporary file, then close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def load_points(table_csv, run_paths) -> tuple[pd.DataFrame, dict]:
+    """The main table with each label's method name, and every run's JSON by (model, sampler, label)."""
+    table = pd.read_csv(table_csv).rename(columns={"method": "label"})
+    runs = {}
+    for path in run_paths:
+        parts = Path(path).parts
+        runs[(parts[-4], parts[-3], parts[-2])] = json.loads(Path(path).read_text())
+    keys = zip(table.model, table.sampler, table.label)
+    table["method"] = [runs[key]["cache"]["method"] for key in keys]
+    return table, runs
+
+
+def method_styles(methods) -> dict:
+    """Method → (colour, marker), the same in every figure; ``full`` black, ``steps`` grey."""
+    ordered = [m for m in FIRST_METHODS if m in methods] + sorted(set(methods) - set(FIRST_METHODS))
+    palette = iter(sns.color_palette("colorblind", n_colors=max(1, len(ordered))))
+    styles = {}
+    for i, method in enumerate(ordered):
+        colour = FIXED_COLOURS.get(method) or next(palette)
+        styles[method] = (colour, "*" if method == "full" else MARKERS[i % len(MARKERS)])
+    return styles
+
+
+def panels(table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Models (rows) and samplers (columns) in the table's order."""
+    return list(dict.fromkeys(table.model)), list(dict.fromkeys(table.sampler))
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray, maximize_x: bool) -> np.ndarray:
+    """Indices of the points no other point beats on both axes (y = FID, lower is better), by x."""
+    sign = 1.0 if maximize_x else -1.0
+    keep = []
+    for i in range(len(x)):
+        dominated = any((sign * x[j] >= sign * x[i]) and (y[j] <= y[i]) and (x[j] != x[i] or y[j] != y[i])
+                        for j in range(len(x)))
+        if not dominated:
+            keep.append(i)
+    return np.array(sorted(keep, key=lambda i: x[i]), dtype=int)
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def log_axis(axis, set_scale, values, unit: str) -> None:
+    """A log axis with plain-number ticks at 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8 × 10^k within ``values``."""
+    set_scale("log")
+    lo, hi = float(np.min(values)), float(np.max(values))
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    candidates = [m * 10.0 ** k for k in decades for m in (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8)]
+    ticks = [t for t in candidates if lo / 1.08 <= t <= hi * 1.08]
+    if len(ticks) > 8:  # keep every other tick, always including the first
+        ticks = ticks[::2]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}{unit}"))
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str, title: str,
+                         maximize_x: bool, out) -> None:
+    """FID against a cost axis, one panel per model and sampler, one curve per method.
+
+    ``maximize_x``: True for a speed-up (1× = full, better to the right), False for MACs.
+    """
+    models, samplers = panels(table)
+    fig, axes = plt.subplots(len(models), len(samplers), figsize=(5.6 * len(samplers) + 3, 4.4 * len(models)),
+                             squeeze=False, constrained_layout=True)
+    for r, model in enumerate(models):
+        for c, sampler in enumerate(samplers):
+            ax = axes[r, c]
+            sub = table[(table.model == model) & (table.sampler == sampler)]
+            sub = sub[np.isfinite(sub[x]) & np.isfinite(sub.fid)]
+            if sub.empty:
+                ax.set_axis_off()
+                continue
+            front = sub.iloc[pareto_front(sub[x].to_numpy(), sub.fid.to_numpy(), maximize_x)]
+            ax.plot(front[x], front.fid, color="gold", lw=9, alpha=0.45, solid_capstyle="round", zorder=1)
+            ax.scatter(front[x], front.fid, s=260, color="gold", alpha=0.6, lw=0, zorder=1)
+            full = sub[sub.method == "full"]
+            for method, (colour, marker) in styles.items():
+                curve = sub[sub.method == method]
+                if curve.empty or method == "full":
+                    continue
+                if method == "steps":  # fewer steps start from the full model
+                    curve = pd.concat([full, curve])
+                curve = curve.sort_values(x)
+                ax.plot(curve[x], curve.fid, color=colour, marker=marker, ms=6, lw=1.6, zorder=3,
+                        ls="--" if method == "steps" else "-")
+                for _, p in curve[(curve.method == method) & (curve.label != method)].iterrows():
+                    ax.annotate(p.label, (p[x], p.fid), xytext=(4, 3), textcoords="offset points", fontsize=7,
+                                color="0.3")
+            if not full.empty:
+                ax.scatter(full[x], full.fid, marker="*", s=220, color="black", zorder=4)
+            log_axis(ax.xaxis, ax.set_xscale, sub[x], "×" if maximize_x else "")
+            if sub.fid.max() > 4 * max(sub.fid.min(), 1e-9):
+                log_axis(ax.yaxis, ax.set_yscale, sub.fid, "")
+            ax.set_title(f"{model} · {sampler}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("FID (lower is better)")
+    handles = [Line2D([], [], color=colour, marker=marker, ms=12 if method == "full" else 6,
+                      ls="none" if method == "full" else ("--" if method == "steps" else "-"),
+                      label={"full": "full (no caching)", "steps": "steps (fewer sampling steps)"}.get(method, method))
+               for method, (colour, marker) in styles.items()]
+    handles.append(Line2D([], [], color="gold", lw=9, alpha=0.45, label="Pareto front (all points)"))
+    fig.legend(handles=handles, loc="outside right center", title="method", frameon=False)
+    fig.suptitle(title, fontsize=14)
+    save_atomic(fig, out)
+
+
+def token_fraction_figure(table: pd.DataFrame, runs: dict, styles: dict, out) -> None:
+    """Per-step fraction of computed tokens: rows = model · sampler, columns = caching methods.
+
+    ``full`` is the reference line at 1; ``steps`` is left out (it computes every token of fewer
+    steps: its saving is in the step count, not in tokens).
+    """
+    methods = [m for m in styles if m not in ("full", "steps")]
+    combos = list(dict.fromkeys(zip(table.model, table.sampler)))
+    if not methods:
+        methods = ["full"]
+    fig, axes = plt.subplots(len(combos), len(methods), figsize=(3.6 * len(methods), 3.0 * len(combos) + 0.6),
+                             squeeze=False, sharey=True, constrained_layout=True)
+    for r, (model, sampler) in enumerate(combos):
+        for c, method in enumerate(methods):
+            ax = axes[r, c]
+            sub = table[(table.model == model) & (table.sampler == sampler) & (table.method == method)]
+            full = runs.get((model, sampler, "full"))
+            if full is not None:
+                steps = len(full["cache"]["per_step"]["token_fraction"])
+                ax.plot([1, steps], [1, 1], color="black", lw=1, ls=":", label="full")
+            for i, label in enumerate(sub.label):
+                fraction = runs[(model, sampler, label)]["cache"]["per_step"]["token_fraction"]
+                ax.plot(np.arange(1, len(fraction) + 1), fraction, drawstyle="steps-mid", color=styles[method][0],
+                        ls=LINESTYLES[i % len(LINESTYLES)], lw=1.5, label=label)
+            if sub.empty:
+                ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center", va="center", color="0.5")
+            ax.set_ylim(-0.03, 1.05)
+            ax.set_title(f"{method}\n{model} · {sampler}", fontsize=10)
+            ax.set_xlabel("sampling step")
+            if c == 0:
+                ax.set_ylabel("tokens computed (fraction)")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=7, frameon=False)
+    fig.suptitle("Fraction of tokens computed per sampling step (1 = full step; step 1 is the noisiest)",
+                 fontsize=13)
+    save_atomic(fig, out)
+
+
+def importance_figure(predictors: list[str], out) -> None:
+    """Each Cache Predictor's importance w, mean over tokens, as a block × step heat-map."""
+    from tokencache.cache.predictor import importance
+
+    n = len(predictors)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 1.2, 3.6 * rows), squeeze=False,
+                             constrained_layout=True)
+    image = None
+    for ax, path in zip(axes.flat, predictors):
+        w = importance(path).mean(dim=2).numpy()  # (steps, blocks)
+        image = ax.imshow(w.T, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0,
+                          extent=(0.5, w.shape[0] + 0.5, -0.5, w.shape[1] - 0.5), interpolation="nearest")
+        ax.grid(False)
+        parts = Path(path).parts
+        ax.set_title(f"{parts[-2]} · {Path(path).stem}" if len(parts) >= 2 else Path(path).name)
+        ax.set_xlabel("sampling step (1 = noisiest)")
+        ax.set_ylabel("block")
+    for ax in list(axes.flat)[n:]:
+        ax.set_axis_off()
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="mean importance w over tokens", shrink=0.9)
+    fig.suptitle("TokenCache predictor importance (high: the block's tokens are worth recomputing)",
+                 fontsize=13)
+    save_atomic(fig, out)
+
+
+def used_predictors(runs: dict, available: list[str]) -> list[str]:
+    """Predictor files recorded in the runs' parameters (in ``available`` order, each once)."""
+    used = {os.path.normpath(r["cache"]["params"]["predictor"]) for r in runs.values()
+            if r["cache"]["params"].get("predictor")}
+    return [p for p in available if os.path.normpath(p) in used]
+
+
+def main(table_csv, run_paths, predictors, out: dict) -> None:
+    """Every figure named in ``out`` (name → path)."""
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=1.0)
+    table, runs = load_points(table_csv, run_paths)
+    styles = method_styles(list(table.method))
+    speed_quality_figure(table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
+                         "Speed-up (MACs) vs FID — better is lower right", True, out["pareto_macs"])
+    speed_quality_figure(table, styles, "speedup", "measured latency speed-up (log scale)",
+                         "Speed-up (measured latency) vs FID — better is lower right", True, out["pareto_latency"])
+    speed_quality_figure(table, styles, "macs_g_per_image", "GMACs per generated image, CFG included (log scale)",
+                         "Compute vs FID — better is lower left", False, out["macs_vs_fid"])
+    token_fraction_figure(table, runs, styles, out["token_fraction"])
+    if "predictor_importance" in out:
+        importance_figure(used_predictors(runs, list(predictors)) or list(predictors), out["predictor_importance"])
+
+
+if __name__ == "__main__" and "snakemake" in globals():
+    sm = snakemake  # noqa: F821
+    main(sm.input.table, sm.input.runs, sm.input.predictors, {name: path for name, path in sm.output.items()})
