@@ -38,12 +38,54 @@ def shard_ranges():
     return [(start, min(size, n - start)) for start in range(0, n, size)]
 
 
+#: downloaded files (official checkpoints, reference batch, Inception weights), shared by configs
+DOWNLOADS = config.get("downloads", "checkpoints")
+#: feature extractor of the quality metrics: the digits CNN (testbed) or ADM's Inception (ImageNet)
+FEATURES = config.get("features", "digits")
+
+
+def backbone_checkpoint(preset):
+    """The checkpoint file of a backbone that is not trained by the workflow, else None.
+
+    ``checkpoint: official`` is the official 256-px file of the preset (downloaded by the
+    ``download_checkpoint`` rule, download.smk), an official file name (``DiT-XL-2-512x512.pt``)
+    is that file, anything else is a local path used as it is.
+    """
+    name = config["backbones"][preset].get("checkpoint")
+    if name is None:
+        return None
+    from tokencache.models.checkpoints import OFFICIAL_WEIGHTS
+
+    if name == "official":
+        fits = [f for f, w in OFFICIAL_WEIGHTS.items() if w.preset == preset and w.overrides.get("input_size") == 32]
+        if len(fits) != 1:
+            known = ", ".join(sorted({w.preset for w in OFFICIAL_WEIGHTS.values()}))
+            raise ValueError(f"config: backbones.{preset}.checkpoint: no official 256-px checkpoint of {preset!r} "
+                             f"(official presets: {known}); give a file name or a path")
+        name = fits[0]
+    # official files keep their names: the sampler recognises the architecture by the file name
+    return f"{DOWNLOADS}/{name}" if name in OFFICIAL_WEIGHTS else name
+
+
 def checkpoint_path(wildcards):
-    return f"{RESULTS}/backbones/{wildcards.model}.pt"
+    """The backbone's weights: downloaded or given (``checkpoint:``), else trained by train_backbone."""
+    return backbone_checkpoint(MODEL_IDS[wildcards.model]) or f"{RESULTS}/backbones/{wildcards.model}.pt"
+
+
+#: a backbone's own guidance, over its sampler's (MDT: cfg 3.8 with scale_pow 4, DiT: 1.5)
+GUIDANCE_KEYS = ("cfg_scale", "scale_pow")
+
+
+def sampler_settings(model, sampler):
+    """Sampler options of a model (model id) and sampler, with the backbone's guidance on top."""
+    opts = dict(config["samplers"][sampler])
+    backbone = config["backbones"][MODEL_IDS[model]]
+    opts.update({k: backbone[k] for k in GUIDANCE_KEYS if k in backbone})
+    return opts
 
 
 def sampler_options(wildcards):
-    opts = config["samplers"][wildcards.sampler]
+    opts = sampler_settings(wildcards.model, wildcards.sampler)
     args = [f"--cfg-scale {opts['cfg_scale']}"]
     if "scale_pow" in opts:
         args.append(f"--scale-pow {opts['scale_pow']}")
@@ -80,6 +122,8 @@ def check_methods():
 
 
 check_methods()
+for _preset in BACKBONES:
+    backbone_checkpoint(_preset)  # a wrong `checkpoint:` fails here, before any job runs
 
 
 def trained_path(kind, model, sampler):
@@ -87,10 +131,17 @@ def trained_path(kind, model, sampler):
     return f"{RESULTS}/{TRAINED[kind]}/{model}/{sampler}.pt"
 
 
+def vae_inputs(model):
+    """The VAE's download marker (download.smk) for a backbone on official weights: all are latent models."""
+    path = backbone_checkpoint(MODEL_IDS[model])
+    return [f"{DOWNLOADS}/vae-ema.json"] if path and path.startswith(f"{DOWNLOADS}/") else []
+
+
 def method_inputs(wildcards):
-    """Files a run needs beyond the checkpoint (a trained router or predictor for =auto)."""
+    """Files a run needs beyond the checkpoint (a trained router or predictor for =auto, the VAE)."""
     params = METHODS[wildcards.method].get("params", {})
-    return [trained_path(k, wildcards.model, wildcards.sampler) for k in TRAINED if params.get(k) == "auto"]
+    trained = [trained_path(k, wildcards.model, wildcards.sampler) for k in TRAINED if params.get(k) == "auto"]
+    return trained + vae_inputs(wildcards.model)
 
 
 def method_options(wildcards):

@@ -1,0 +1,144 @@
+# Download stage, for configs on official weights (ImageNet; config/paper.yaml): the official
+# checkpoints, the Stable Diffusion VAE, ADM's reference batch and the Inception-v3 weights, each
+# into DOWNLOADS (shared by configs) with an atomic write and a checksum check where one is known.
+# Then the evaluation with ADM's Inception features replaces the testbed's digits evaluation.
+# Downloads are local rules: on a cluster they run on the submit host, which has internet.
+import os
+import re
+from pathlib import Path
+
+localrules:
+    download_checkpoint,
+    download_vae,
+
+
+def fetch_atomic(url, target, sha256=None):
+    """Download ``url`` to ``target`` through a temporary file in the same folder, then check it.
+
+    ``sha256``: the full digest, or the 8+ hex digits that torch.hub puts in file names. A
+    mismatch deletes the file and fails with one line.
+    """
+    import hashlib
+    import os
+    import tempfile
+    import urllib.request
+
+    folder = os.path.dirname(target) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".part")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                digest.update(block)
+        if sha256 and not digest.hexdigest().startswith(sha256):
+            raise ValueError(f"{url}: sha256 {digest.hexdigest()} does not match {sha256}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return digest.hexdigest()
+
+
+def official_files():
+    """Names of the official checkpoint files the config's backbones use (see backbone_checkpoint)."""
+    paths = [backbone_checkpoint(preset) for preset in BACKBONES]
+    return [os.path.basename(p) for p in paths if p and p.startswith(f"{DOWNLOADS}/")]
+
+
+rule download_checkpoint:
+    output:
+        ckpt=f"{DOWNLOADS}/{{filename}}",
+    wildcard_constraints:
+        filename="|".join(re.escape(f) for f in official_files()) or "no-official-checkpoint",
+    log:
+        f"{RESULTS}/logs/download/{{filename}}.log",
+    retries: 2
+    shell:
+        # `tokencache download`: atomic write, the published sha256 checked where one exists
+        "tokencache download {wildcards.filename} --dir {DOWNLOADS} --quiet --json > {log} 2>&1"
+
+
+rule download_vae:
+    # diffusers keeps the VAE in the Hugging Face cache (HF_HOME); sampling jobs find it there
+    output:
+        marker=f"{DOWNLOADS}/vae-ema.json",
+    log:
+        f"{RESULTS}/logs/download/vae-ema.log",
+    retries: 2
+    run:
+        from tokencache.models.vae import VAE_REPOS, load_vae
+        from tokencache.run import write_json_atomic
+
+        load_vae("ema", "cpu")
+        write_json_atomic(Path(output.marker), {"vae": "ema", "repo": VAE_REPOS["ema"]})
+
+
+if FEATURES == "inception":
+
+    localrules:
+        download_reference,
+        download_inception,
+
+    REFERENCE_FILE = f"{DOWNLOADS}/{os.path.basename(config['reference']['url'])}"
+
+    def inception_url():
+        """torch-fidelity's Inception-v3 weights (the 2015 TF graph ADM's evaluator uses)."""
+        import tokencache  # noqa: F401  (its torchvision fix must come before torch-fidelity)
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        return URL_INCEPTION_V3
+
+    rule download_reference:
+        output:
+            ref=REFERENCE_FILE,
+        params:
+            url=config["reference"]["url"],
+            sha256=config["reference"].get("sha256"),
+        log:
+            f"{RESULTS}/logs/download/reference.log",
+        retries: 2
+        run:
+            digest = fetch_atomic(params.url, output.ref, params.sha256)
+            Path(log[0]).write_text(f"{params.url} → {output.ref}\nsha256 {digest}\n")
+
+    rule download_inception:
+        output:
+            weights=f"{DOWNLOADS}/{os.path.basename(inception_url())}",
+        params:
+            url=inception_url(),
+        log:
+            f"{RESULTS}/logs/download/inception.log",
+        retries: 2
+        run:
+            # the file name carries the first hex digits of its sha256 (torch.hub's convention)
+            prefix = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(output.weights))
+            digest = fetch_atomic(params.url, output.weights, prefix.group(1) if prefix else None)
+            Path(log[0]).write_text(f"{params.url} → {output.weights}\nsha256 {digest}\n")
+
+    rule evaluate_inception:
+        # ADM's definitions on Inception features against the downloaded reference batch; in its own
+        # process (50,000 images do not belong in the workflow's process) and on the GPU
+        input:
+            npz=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/samples.npz",
+            ref=REFERENCE_FILE,
+            weights=rules.download_inception.output.weights,
+            full=full_run,
+        output:
+            metrics=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.json",
+        log:
+            f"{RESULTS}/logs/evaluate/{{model}}/{{sampler}}/{{method}}.log",
+        params:
+            fidelity=lambda w, input: f"--fidelity-to {input.full}" if input.full else "",
+            batch=config.get("eval_batch_size", 64),
+            device=config["device"],
+        threads: THREADS
+        resources:
+            gpu=1 if config["device"] == "cuda" else 0,
+        shell:
+            "OMP_NUM_THREADS={threads} tokencache evaluate {input.npz} --reference {input.ref} --features inception "
+            "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
+            "--out {output.metrics} --quiet --json > {log} 2>&1"
+
+    ruleorder: evaluate_inception > evaluate
