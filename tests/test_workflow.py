@@ -1,0 +1,185 @@
+"""The Snakemake workflow: the smoke config end to end, the paper config's DAG, and bad configs.
+
+The smoke run writes to ``results/smoke-test-<pid>/`` (``--config name=…``), which is removed
+afterwards; it adds one TokenCache ablation label (DiT only) so that the ablation table has rows.
+It takes about 2 minutes on a 2-core CPU (the whole DAG: backbones, evaluator, routers,
+predictors, 15 runs, tables, plots, report).
+"""
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+SMOKE = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+ABLATION = {"abl-random": {"method": "tokencache", "params": {"predictor": "auto", "token_choice": "random"},
+                           "models": ["DiT-digits"]}}
+PLOTS = ["pareto_macs", "pareto_latency", "macs_vs_fid", "token_fraction", "predictor_importance", "samples_grid"]
+
+
+def script(name: str):
+    """A module of workflow/scripts/ (they run under Snakemake, and import as plain modules too)."""
+    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def snakemake(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``snakemake *args`` from the repository root; one torch thread per job; output as text."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run([SNAKEMAKE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def expected_runs() -> set[tuple[str, str, str]]:
+    """(model id, sampler, label) of every run of the smoke config plus the ablation label."""
+    runs = set()
+    for label, spec in {**SMOKE["methods"], **ABLATION}.items():
+        for model in spec.get("models", SMOKE["backbones"]):
+            for sampler in spec.get("samplers", SMOKE["samplers"]):
+                runs.add((model.replace("/", "_"), sampler, label))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def smoke_run():
+    """Run the smoke workflow once for this module; yield its results folder; remove it."""
+    name = f"smoke-test-{os.getpid()}"
+    results = ROOT / "results" / name
+    try:
+        done = snakemake("--cores", "2", "--configfile", "config/smoke.yaml", "--config", f"name={name}",
+                         f"methods={ABLATION}", timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        yield name, results
+    finally:
+        shutil.rmtree(results, ignore_errors=True)
+
+
+def test_smoke_tables(smoke_run):
+    _, results = smoke_run
+    table = pd.read_csv(results / "tables" / "main.csv")
+    assert set(zip(table.model, table.sampler, table.method)) == expected_runs()
+    assert len(table) == len(expected_runs())
+    assert all(math.isfinite(v) for v in table.fid)
+    assert (table.macs_speedup > 0).all()
+    assert table.loc[table.method == "full", "macs_speedup"].eq(1.0).all()
+    # the digits testbed matches no published number: the reported columns exist and stay empty
+    assert table.reported_fid.isna().all() and table.reported_source.isna().all()
+    assert (results / "tables" / "main.md").read_text().count("\n") == len(table) + 2
+
+    ablation = pd.read_csv(results / "tables" / "ablation.csv")
+    assert list(ablation.method) == ["tokencache", "abl-random"]  # the default first, then the ablation
+    assert list(ablation.token_choice) == ["predictor", "random"]
+    assert list(ablation.varied) == ["default", "token_choice=random"]
+    assert set(ablation.model) == {"DiT-digits"}
+    assert all(math.isfinite(v) for v in ablation.fid)
+
+
+def test_smoke_plots_and_report(smoke_run, tmp_path):
+    name, results = smoke_run
+    for plot in PLOTS:
+        data = (results / "plots" / f"{plot}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, plot
+    assert not list((results / "plots").glob(".*.part"))  # atomic writes left no temporary file
+
+    report = tmp_path / "report.html"
+    done = snakemake("--report", str(report), "--configfile", "config/smoke.yaml", "--config", f"name={name}",
+                     f"methods={ABLATION}", timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    html = report.read_text(errors="replace")
+    for item in [f"{p}.png" for p in PLOTS] + ["main.csv", "ablation.csv"]:
+        assert item in html, item
+
+
+def test_no_ablation_runs_table(smoke_run, tmp_path):
+    """Without ablation labels the ablation table says so (tables.py on the smoke run's files)."""
+    _, results = smoke_run
+    tables = script("tables")
+    runs = sorted(str(p) for p in (results / "runs").glob("*/*/*/run.json"))
+    out = {k: str(tmp_path / f"{k}.out") for k in ("csv", "md", "tex", "ablation_csv", "ablation_md")}
+    tables.main([r.replace("run.json", "metrics.json") for r in runs], runs, str(ROOT / "config" / "reported.yaml"),
+                [], out)
+    assert Path(out["ablation_md"]).read_text().startswith("No ablation runs were configured")
+    assert pd.read_csv(out["ablation_csv"]).columns.tolist() == ["note"]
+
+
+def test_reported_fid_needs_backbone_sampler_and_guidance():
+    tables = script("tables")
+    entries = tables.load_reported(ROOT / "config" / "reported.yaml")
+    dit = {"name": "DiT-XL/2", "family": "DiT", "input_size": 32}
+
+    def reported(config, sampler, method, cfg_scale, steps):
+        run = {"model_config": config, "request": {"cfg_scale": cfg_scale, "scale_pow": 4.0},
+               "cache": {"method": method, "params": {}}, "steps": steps}
+        return tables.reported_columns(entries, sampler, run)
+
+    full = reported(dit, "ddpm250", "full", 1.5, 250)
+    assert full["reported_fid"] == 2.27  # the verified number first, the secondary one listed after it
+    assert full["reported_source"].startswith("2.27 DiT paper")
+    assert "2.09 TokenCache v2 (unverified)" in full["reported_source"]
+    assert reported(dit, "ddpm250", "steps", 1.5, 125)["reported_fid"] == 2.13
+    assert reported(dit, "ddpm250", "steps", 1.5, 100)["reported_fid"] is None  # other step count
+    assert reported(dit, "ddpm250", "full", 4.0, 250)["reported_fid"] is None  # other guidance
+    assert reported({**dit, "input_size": 64}, "ddpm250", "full", 1.5, 250)["reported_fid"] is None  # 512 px
+    assert reported({"name": "DiT-digits", "input_size": 8}, "ddim20", "full", 3.0, 20)["reported_fid"] is None
+
+
+def test_pareto_front():
+    import numpy as np
+
+    plots = script("plots")
+    speedup = np.array([1.0, 1.5, 2.0, 2.0, 3.0])
+    fid = np.array([3.0, 3.5, 3.2, 4.0, 9.0])
+    # (1.5, 3.5) is beaten by (2.0, 3.2) and (2.0, 4.0) by (2.0, 3.2): the rest form the front
+    assert plots.pareto_front(speedup, fid, maximize_x=True).tolist() == [0, 2, 4]
+    macs = 1 / speedup  # the same points on a cost axis (lower is better)
+    assert sorted(plots.pareto_front(macs, fid, maximize_x=False).tolist()) == [0, 2, 4]
+
+
+def bad_config(tmp_path, change) -> str:
+    """The smoke config with one mistake, as a file."""
+    config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    change(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("change, key, reason", [
+    (lambda c: c["methods"].update(fora={"method": "nosuch"}), "methods.fora", "unknown method 'nosuch'"),
+    (lambda c: c["methods"].update(fora={"method": "fora", "params": {"interval": -1}}), "methods.fora",
+     "interval must be in 1"),
+    (lambda c: c.update(num_samples=-8), "num_samples", "-8 is less than the minimum of 1"),
+    (lambda c: c["backbones"]["DiT-digits"].update(cfg_scale=3.0), "backbones.DiT-digits",
+     "'checkpoint' is a dependency of 'cfg_scale'"),
+], ids=["unknown-method", "negative-parameter", "negative-num-samples", "guidance-on-trained-backbone"])
+def test_bad_config_fails_with_one_line(tmp_path, change, key, reason):
+    done = snakemake("-n", "--configfile", bad_config(tmp_path, change))
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("config: ")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"config: {key}: ") and reason in lines[0], lines[0]
+
+
+def test_paper_config_dag_without_network():
+    """The paper config's DAG: downloads, GPU resources, MDT's own guidance, Inception evaluation."""
+    done = snakemake("results/paper/runs/MDTv2-XL_2/ddim50/tokencache/metrics.json", "-n", "-p",
+                     "--configfile", "config/paper.yaml", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    for rule in ("download_checkpoint", "download_vae", "download_reference", "download_inception",
+                 "train_predictor", "sample_shard", "merge_shards", "evaluate_inception"):
+        assert f"rule {rule}:" in out, rule
+    assert "rule train_backbone:" not in out and "rule evaluate:" not in out
+    assert "tokencache download mdt_xl2_v2_ckpt.pt" in out
+    assert "--checkpoint checkpoints/mdt_xl2_v2_ckpt.pt --sampler ddim50 --cfg-scale 3.8 --scale-pow 4.0" in out
+    assert "--features inception" in out and "--device cuda" in out
+    assert out.count("gpu=1") >= 50  # 50 shards of one run, each a GPU job
