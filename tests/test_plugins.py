@@ -94,7 +94,7 @@ def test_missing_folder(tmp_path):
     ("fora", {"interval": 2.5}, "fora: parameter interval must be int, got 2.5"),
     ("toca", {"fresh_ratio": 1.5}, "toca: parameter fresh_ratio must be in 0 … 1, got 1.5"),
     ("toca", {"schedule": "cosine"}, "toca: parameter schedule must be one of 'auto'"),
-    ("steps", {}, "steps: parameter num_steps is required (int: 1 … 1000)"),
+    ("steps", {}, "steps: give exactly one of num_steps and fraction"),
     ("l2c", {"threshold": "high", "router": "r.pt"}, "l2c: parameter threshold must be float, got 'high'"),
 ])
 def test_parameter_errors_are_one_line(name, params, message):

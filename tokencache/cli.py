@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=500, help="predictor updates")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-samples", type=int, default=64, help="calibration trajectories")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the logits")
+    p.add_argument("--lr", type=float, default=0.3,
+                   help="Adam learning rate on the logits (each (step, block) row gets ~1/T of the updates)")
     p.add_argument("--sparsity", type=float, default=0.5,
                    help="λ of the λ·mean(w) pressure (the loss is the output error relative to caching everything)")
     p.add_argument("--seed", type=int, default=2, help="calibration seed: keep it apart from evaluation seeds")

@@ -127,7 +127,7 @@ class _TokenRelaxation(CacheMethod):
 
 def train_predictor(model: torch.nn.Module, sampler: Union[Sampler, str], *, cfg_scale: float = 1.5,
                     scale_pow: Optional[float] = None, steps: int = 500, batch_size: int = 16,
-                    num_samples: int = 64, lr: float = 0.05, sparsity: float = 0.5, seed: int = 2,
+                    num_samples: int = 64, lr: float = 0.3, sparsity: float = 0.5, seed: int = 2,
                     clip_denoised: bool = False, out: Union[str, Path, None] = None, progress: bool = False,
                     log=None) -> dict:
     """Train a Cache Predictor for ``model`` (frozen) and ``sampler``; write it to ``out`` if given.

@@ -44,7 +44,8 @@ def main() -> None:
 
     root = Path(args.results)
     full_dir = root / "runs" / args.model / args.sampler / "full"
-    full_request = json.loads((full_dir / "run.json").read_text())["request"]
+    full_run = json.loads((full_dir / "run.json").read_text())
+    full_request, num_samples = full_run["request"], full_run["num_samples"]
     predictor = root / "predictors" / args.model / f"{args.sampler}.pt"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,8 +53,8 @@ def main() -> None:
             out = str(Path(tmp) / "samples.npz")
             request = SampleRequest(checkpoint=str(root / "backbones" / f"{args.model}.pt"), out=out,
                                     sampler=args.sampler, cfg_scale=full_request["cfg_scale"],
-                                    scale_pow=full_request["scale_pow"], num_samples=full_request["num_samples"],
-                                    batch_size=full_request["num_samples"], seed=full_request["seed"],
+                                    scale_pow=full_request["scale_pow"], num_samples=num_samples,
+                                    batch_size=num_samples, seed=full_request["seed"],
                                     device="cpu", clip_denoised=full_request["clip_denoised"], method="tokencache",
                                     method_params={"predictor": str(predictor), **params})
             summary = run_sampling(request, progress=False)
