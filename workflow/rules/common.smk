@@ -201,7 +201,7 @@ def ablation_labels():
 
 def plot_outputs():
     """The figures of the ``plots`` rule (name → path); the importance maps only when predictors exist."""
-    names = ["pareto_macs", "pareto_latency", "macs_vs_fid", "token_fraction"]
+    names = ["pareto_macs", "pareto_latency", "pareto_psnr", "macs_vs_fid", "token_fraction"]
     if predictor_files():
         names.append("predictor_importance")
     return {name: f"{RESULTS}/plots/{name}.png" for name in names}

@@ -26,6 +26,7 @@ rule tables:
 PLOT_CAPTIONS = {
     "pareto_macs": "pareto.rst",
     "pareto_latency": "pareto.rst",
+    "pareto_psnr": "pareto_psnr.rst",
     "macs_vs_fid": "macs_vs_fid.rst",
     "token_fraction": "token_fraction.rst",
     "predictor_importance": "predictor_importance.rst",

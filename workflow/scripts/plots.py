@@ -6,6 +6,8 @@
   of speed-up. ``steps`` (fewer sampling steps, starting from the
   full model) is the reference curve every cache has to beat; ``full`` is the star at 1×. The
   Pareto front of all points of a panel (nothing is both faster and better) is the thick band.
+* ``pareto_psnr.png``: MACs speed-up against PSNR to the ``full`` run's images (fidelity; the
+  metric that separates methods on the testbed, where FID of a few hundred samples is noisy).
 * ``macs_vs_fid.png``: MACs per generated image (CFG included) against FID, the same curves.
 * ``token_fraction.png``: per sampling step, the fraction of tokens a run computed (attention
   and MLP of every block; 1 = a full step), one row per model and sampler, one column per method.
@@ -108,11 +110,14 @@ def log_axis(axis, set_scale, values, unit: str) -> None:
 
 
 def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str, title: str,
-                         maximize_x: bool, out) -> None:
-    """FID against a cost axis, one panel per model and sampler, one curve per method.
+                         maximize_x: bool, out, y: str = "fid", ylabel: str = "FID (lower is better)") -> None:
+    """A quality column ``y`` against a cost axis, one panel per model and sampler, one curve per method.
 
     ``maximize_x``: True for a speed-up (1× = full, better to the right), False for MACs.
+    ``y`` = "fid" (lower is better) or "psnr_to_full" (fidelity to the uncached images, higher is
+    better; the ``full`` run itself has none and identical runs are infinite, so both are left out).
     """
+    higher_is_better = y != "fid"
     models, samplers = panels(table)
     fig, axes = plt.subplots(len(models), len(samplers), figsize=(5.6 * len(samplers) + 3, 4.4 * len(models)),
                              squeeze=False, constrained_layout=True)
@@ -120,34 +125,35 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
         for c, sampler in enumerate(samplers):
             ax = axes[r, c]
             sub = table[(table.model == model) & (table.sampler == sampler)]
-            sub = sub[np.isfinite(sub[x]) & np.isfinite(sub.fid)]
+            sub = sub[np.isfinite(sub[x]) & np.isfinite(sub[y])]
             if sub.empty:
                 ax.set_axis_off()
                 continue
-            front = sub.iloc[pareto_front(sub[x].to_numpy(), sub.fid.to_numpy(), maximize_x)]
-            ax.plot(front[x], front.fid, color="gold", lw=9, alpha=0.45, solid_capstyle="round", zorder=1)
-            ax.scatter(front[x], front.fid, s=260, color="gold", alpha=0.6, lw=0, zorder=1)
+            sign = -1.0 if higher_is_better else 1.0
+            front = sub.iloc[pareto_front(sub[x].to_numpy(), sign * sub[y].to_numpy(), maximize_x)]
+            ax.plot(front[x], front[y], color="gold", lw=9, alpha=0.45, solid_capstyle="round", zorder=1)
+            ax.scatter(front[x], front[y], s=260, color="gold", alpha=0.6, lw=0, zorder=1)
             full = sub[sub.method == "full"]
             for method, (colour, marker) in styles.items():
                 curve = sub[sub.method == method]
                 if curve.empty or method == "full":
                     continue
-                if method == "steps":  # fewer steps start from the full model
+                if method == "steps" and not higher_is_better:  # fewer steps start from the full model
                     curve = pd.concat([full, curve])
                 curve = curve.sort_values(x)
-                ax.plot(curve[x], curve.fid, color=colour, marker=marker, ms=6, lw=1.6, zorder=3,
+                ax.plot(curve[x], curve[y], color=colour, marker=marker, ms=6, lw=1.6, zorder=3,
                         ls="--" if method == "steps" else "-")
                 for _, p in curve[(curve.method == method) & (curve.label != method)].iterrows():
-                    ax.annotate(p.label, (p[x], p.fid), xytext=(4, 3), textcoords="offset points", fontsize=7,
+                    ax.annotate(p.label, (p[x], p[y]), xytext=(4, 3), textcoords="offset points", fontsize=7,
                                 color="0.3")
             if not full.empty:
-                ax.scatter(full[x], full.fid, marker="*", s=220, color="black", zorder=4)
+                ax.scatter(full[x], full[y], marker="*", s=220, color="black", zorder=4)
             log_axis(ax.xaxis, ax.set_xscale, sub[x], "×" if maximize_x else "")
-            if sub.fid.max() > 4 * max(sub.fid.min(), 1e-9):
-                log_axis(ax.yaxis, ax.set_yscale, sub.fid, "")
+            if not higher_is_better and sub[y].max() > 4 * max(sub[y].min(), 1e-9):
+                log_axis(ax.yaxis, ax.set_yscale, sub[y], "")
             ax.set_title(f"{model} · {sampler}")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("FID (lower is better)")
+            ax.set_ylabel(ylabel)
     handles = [Line2D([], [], color=colour, marker=marker, ms=12 if method == "full" else 6,
                       ls="none" if method == "full" else ("--" if method == "steps" else "-"),
                       label={"full": "full (no caching)", "steps": "steps (fewer sampling steps)"}.get(method, method))
@@ -241,6 +247,9 @@ def main(table_csv, run_paths, predictors, out: dict) -> None:
                          "Speed-up (measured latency) vs FID — better is lower right", True, out["pareto_latency"])
     speed_quality_figure(table, styles, "macs_g_per_image", "GMACs per generated image, CFG included (log scale)",
                          "Compute vs FID — better is lower left", False, out["macs_vs_fid"])
+    speed_quality_figure(table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
+                         "Speed-up (MACs) vs fidelity to the uncached images — better is upper right", True,
+                         out["pareto_psnr"], y="psnr_to_full", ylabel="PSNR to the full run, dB (higher is better)")
     token_fraction_figure(table, runs, styles, out["token_fraction"])
     if "predictor_importance" in out:
         importance_figure(used_predictors(runs, list(predictors)) or list(predictors), out["predictor_importance"])
