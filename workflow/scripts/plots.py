@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator  # noqa: E402
 
 #: methods drawn in this order and style; any other method gets the next palette colour
 FIRST_METHODS = ["full", "steps"]
@@ -220,6 +220,8 @@ def importance_figure(predictors: list[str], out) -> None:
         ax.set_title(f"{parts[-2]} · {Path(path).stem}" if len(parts) >= 2 else Path(path).name)
         ax.set_xlabel("sampling step (1 = noisiest)")
         ax.set_ylabel("block")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[n:]:
         ax.set_axis_off()
     if image is not None:
