@@ -20,6 +20,8 @@ rule train_backbone:
 
 
 rule train_evaluator:
+    # early, so that each run's evaluation overlaps the sampling of the others
+    priority: 50
     output:
         net=f"{RESULTS}/evaluator/digits_cnn.pt",
     log:
@@ -32,6 +34,7 @@ rule train_evaluator:
 
 
 rule reference_batch:
+    priority: 50
     input:
         net=rules.train_evaluator.output.net,
     output:
