@@ -33,8 +33,6 @@ loading it for another model or sampler is a :class:`PredictorError`.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -42,9 +40,9 @@ from typing import Optional, Union
 import torch
 
 from tokencache.cache.actions import COMPUTE, REUSE, Blend
+from tokencache.cache.calibration import batch_rows, load_tied, record_trajectories, save_tied
 from tokencache.cache.engine import CacheEngine
 from tokencache.cache.methods import CacheMethod
-from tokencache.cache.router import batch_rows, model_fingerprint, record_trajectories
 from tokencache.sampling import Sampler, parse_sampler
 
 FORMAT = "tokencache-predictor/1"
@@ -62,40 +60,14 @@ def save_predictor(path: Union[str, Path], logits: torch.Tensor, model: torch.nn
     if tuple(logits.shape) != want:
         raise PredictorError(f"predictor logits {tuple(logits.shape)} do not match {want[0]} steps × "
                              f"{want[1]} blocks × {want[2]} tokens")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {"format": FORMAT, "logits": logits.detach().float().cpu(), "sampler": sampler.name,
-           "model": model_fingerprint(model), "training": dict(training or {})}
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_tied(path, FORMAT, logits, model, sampler, training)
 
 
 def load_predictor(path: Union[str, Path], model: Optional[torch.nn.Module] = None,
                    sampler: Union[Sampler, str, None] = None) -> dict:
     """Read a predictor file; with ``model``/``sampler`` check it was trained for them."""
-    path = Path(path)
-    if not path.is_file():
-        raise PredictorError(f"predictor file {path} does not exist (train one with `tokencache train-predictor`)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PredictorError(f"predictor file {path} cannot be read: {type(exc).__name__}") from exc
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise PredictorError(f"{path} is not a tokencache Cache Predictor (format {FORMAT})")
-    if sampler is not None:
-        name = sampler if isinstance(sampler, str) else sampler.name
-        if parse_sampler(name).name != obj["sampler"]:
-            raise PredictorError(f"predictor {path} was trained for sampler {obj['sampler']}, this run uses {name}")
-    if model is not None:
-        want, have = obj["model"], model_fingerprint(model)
-        if want["config"] != have["config"]:
-            raise PredictorError(f"predictor {path} was trained for model {json.dumps(want['config'], sort_keys=True)}"
-                                 f", not {json.dumps(have['config'], sort_keys=True)}")
-        if not math.isclose(want["param_sum"], have["param_sum"], rel_tol=1e-6, abs_tol=1e-6):
-            raise PredictorError(f"predictor {path} was trained for other weights of this architecture "
-                                 f"(parameter checksum {want['param_sum']:.6g} vs {have['param_sum']:.6g})")
-    return obj
+    return load_tied(path, FORMAT, PredictorError, "predictor", "Cache Predictor", "tokencache train-predictor",
+                     model, sampler)
 
 
 def importance(path_or_obj: Union[str, Path, dict]) -> torch.Tensor:

@@ -25,8 +25,6 @@ loading it for another model or sampler is a :class:`RouterError`.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -34,9 +32,10 @@ from typing import Optional, Union
 import torch
 
 from tokencache.cache.actions import COMPUTE, Blend
+from tokencache.cache.calibration import batch_rows, load_tied, record_trajectories, save_tied
 from tokencache.cache.engine import CacheEngine
 from tokencache.cache.methods import CacheMethod
-from tokencache.sampling import Sampler, draw_labels, generate, parse_sampler, sample_generators
+from tokencache.sampling import Sampler, parse_sampler
 
 FORMAT = "tokencache-l2c-router/1"
 
@@ -50,17 +49,6 @@ def routed_indices(num_steps: int) -> list[int]:
     return list(range(0, num_steps - 1, 2))
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict:
-    """The model's configuration (without its preset name) and a float64 sum of its parameters."""
-    config = {k: v for k, v in dict(getattr(model, "config", {})).items() if k != "name"}
-    if not config:
-        config = {"family": type(model).__name__, "block_count": int(model.block_count),
-                  "num_tokens": int(model.num_tokens)}
-    with torch.no_grad():
-        checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    return {"config": config, "param_sum": checksum}
-
-
 def save_router(path: Union[str, Path], logits: torch.Tensor, model: torch.nn.Module, sampler: Union[Sampler, str],
                 training: Optional[dict] = None) -> None:
     """Write a router file atomically (see the module docstring for its content)."""
@@ -68,40 +56,13 @@ def save_router(path: Union[str, Path], logits: torch.Tensor, model: torch.nn.Mo
     if tuple(logits.shape) != (sampler.steps, int(model.block_count), 2):
         raise RouterError(f"router logits {tuple(logits.shape)} do not match {sampler.steps} steps × "
                           f"{model.block_count} blocks × 2 branches")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {"format": FORMAT, "logits": logits.detach().float().cpu(), "sampler": sampler.name,
-           "model": model_fingerprint(model), "training": dict(training or {})}
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_tied(path, FORMAT, logits, model, sampler, training)
 
 
 def load_router(path: Union[str, Path], model: Optional[torch.nn.Module] = None,
                 sampler: Union[Sampler, str, None] = None) -> dict:
     """Read a router file; with ``model``/``sampler`` check it was trained for them."""
-    path = Path(path)
-    if not path.is_file():
-        raise RouterError(f"router file {path} does not exist (train one with `tokencache train-router`)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RouterError(f"router file {path} cannot be read: {type(exc).__name__}") from exc
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise RouterError(f"{path} is not a tokencache L2C router (format {FORMAT})")
-    if sampler is not None:
-        name = sampler if isinstance(sampler, str) else sampler.name
-        if parse_sampler(name).name != obj["sampler"]:
-            raise RouterError(f"router {path} was trained for sampler {obj['sampler']}, this run uses {name}")
-    if model is not None:
-        want, have = obj["model"], model_fingerprint(model)
-        if want["config"] != have["config"]:
-            raise RouterError(f"router {path} was trained for model {json.dumps(want['config'], sort_keys=True)}, "
-                              f"not {json.dumps(have['config'], sort_keys=True)}")
-        if not math.isclose(want["param_sum"], have["param_sum"], rel_tol=1e-6, abs_tol=1e-6):
-            raise RouterError(f"router {path} was trained for other weights of this architecture "
-                              f"(parameter checksum {want['param_sum']:.6g} vs {have['param_sum']:.6g})")
-    return obj
+    return load_tied(path, FORMAT, RouterError, "router", "L2C router", "tokencache train-router", model, sampler)
 
 
 class _Relaxation(CacheMethod):
@@ -125,58 +86,6 @@ class _Relaxation(CacheMethod):
         if step == self.routed_step:
             return Blend(self.weights[block, 0 if branch == "attn" else 1])
         return COMPUTE
-
-
-def record_trajectories(model, sampler: Sampler, cfg_scale: float, scale_pow, seed: int, num_samples: int,
-                         batch_size: int, clip_denoised: bool, progress: bool):
-    """The model's inputs at every step of full sampling of calibration samples ``(seed, 0…M−1)``.
-
-    Returns (x, t, y): x[k] (M, c, C, H, W) and y (M, c) with c = rows per sample (2 with CFG
-    batching: conditional, null), t[k] the original timestep of step k.
-    """
-    from tqdm import tqdm
-
-    steps_x: list[list[torch.Tensor]] = [[] for _ in range(sampler.steps)]
-    steps_t: list[torch.Tensor] = [None] * sampler.steps
-    labels_rows: list[torch.Tensor] = []
-    state = {"step": 0}
-    original_forward = model.forward
-
-    def recording_forward(x, t, y, *args, **kwargs):
-        copies = x.shape[0] // state["batch"]
-        steps_x[state["step"]].append(x.detach().reshape(copies, state["batch"], *x.shape[1:]).transpose(0, 1))
-        steps_t[state["step"]] = t[0].detach()
-        if state["step"] == 0:
-            labels_rows.append(y.detach().reshape(copies, state["batch"]).transpose(0, 1))
-        return original_forward(x, t, y, *args, **kwargs)
-
-    def listener(step, num_steps):
-        state["step"] = step
-
-    bar = tqdm(total=num_samples, desc="calibration trajectories", unit="img", disable=not progress)
-    own_forward = model.__dict__.get("forward")
-    model.forward = recording_forward
-    try:
-        for lo in range(0, num_samples, batch_size):
-            indices = list(range(lo, min(lo + batch_size, num_samples)))
-            gens = sample_generators(seed, indices)
-            state["batch"] = len(indices)
-            generate(model, sampler, draw_labels(gens, model.num_classes), gens, cfg_scale=cfg_scale,
-                     scale_pow=scale_pow, step_listener=listener, clip_denoised=clip_denoised)
-            bar.update(len(indices))
-    finally:
-        if own_forward is None:
-            del model.forward
-        else:
-            model.forward = own_forward
-        bar.close()
-    return [torch.cat(chunks) for chunks in steps_x], steps_t, torch.cat(labels_rows)
-
-
-def batch_rows(per_sample: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(M, c, ...) → the batch (c·b, ...) of samples ``index``, copies stacked as the model saw them."""
-    picked = per_sample[index].transpose(0, 1)
-    return picked.reshape(-1, *picked.shape[2:])
 
 
 def train_router(model: torch.nn.Module, sampler: Union[Sampler, str], *, cfg_scale: float = 1.5,
