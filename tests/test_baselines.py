@@ -12,14 +12,6 @@ from tokencache.sampling import draw_labels, generate, sample_generators
 N_TOKENS = 16  # TINY: 8×8 input at patch 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~40× faster on one thread than on two contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def tiny_mdt_v1():

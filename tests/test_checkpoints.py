@@ -13,13 +13,6 @@ from tokencache.models.checkpoints import OFFICIAL_WEIGHTS, extract_state_dict, 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, num_classes=10, hidden_size=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(family="DiT", seed=0, **kw):
     torch.manual_seed(seed)

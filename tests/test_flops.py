@@ -27,13 +27,6 @@ from tokencache.sampling import draw_labels, generate, sample_generators
 N, D, M, L, F = 16, 32, 128, 4, 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def sample(model, method, sampler, batch=2, cfg_scale=1.5, **params):
     """Engine summary (with counts) of one generation of ``batch`` images."""

@@ -33,13 +33,6 @@ METHODS = [("full", "full", {}), ("fora", "fora", {"interval": 2}), ("toca", "to
            ("tokencache", "tokencache", {"token_choice": "random", "block_selection": "uniform"})]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def sample(model, method, params, batch, sampler="ddim4", autocast=None):
     gens = sample_generators(0, range(batch))

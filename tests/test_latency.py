@@ -14,13 +14,6 @@ METHODS = [("full", "full", {}), ("fora2", "fora", {"interval": 2}), ("steps3", 
 COST = {"full": 1.0, "fora2": 0.5, "steps3": 0.25}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class FakeClock:
     """A clock that moves only when the sampling loop "runs": by COST[method] × batch."""

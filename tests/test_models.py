@@ -18,14 +18,6 @@ from tokencache.models import FAMILIES, PRESETS, DiT, MDT, MDTv2, create_model
 from tokencache.models.layers import Attention, guided_channels, sincos_pos_embed_2d
 from tokencache.models.mdt import power_cosine_cfg_scale
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SMALL = dict(input_size=8, patch_size=2, num_classes=10, hidden_size=32, depth=4, num_heads=4)
 

@@ -44,13 +44,6 @@ def test_a_new_file_is_picked_up(registry, tmp_path, tiny_dit):
     assert torch.equal(*outs)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_readme_example_is_a_working_plugin(registry, tmp_path):
     readme = (BASELINES / "README.md").read_text()

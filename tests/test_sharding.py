@@ -12,7 +12,6 @@ from tokencache.train import TrainConfig, train_backbone
 
 @pytest.mark.parametrize("method, params", [("full", {}), ("toca", {"fresh_ratio": 0.2})])
 def test_shard_count_never_changes_results(tmp_path, method, params):
-    torch.set_num_threads(1)
     ckpt = tmp_path / "tiny.pt"
     train_backbone(TrainConfig(model="DiT", overrides=TINY, steps=2, batch_size=4), ckpt, progress=False)
 

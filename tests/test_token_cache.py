@@ -14,13 +14,6 @@ from tokencache.sampling import draw_labels, generate, sample_generators
 N_TOKENS, BLOCKS = 16, 4  # TINY: 8×8 input at patch 2, depth 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run(model, method, sampler, indices, seed=3, cfg_scale=2.0):
     with attach(model, method, sampler) as engine:

@@ -122,34 +122,33 @@ def cmd_methods(args) -> None:
             print(f"    {p['name']} ({p['type']}, default {p['default']}){bounds}: {p['doc']}")
 
 
-def cmd_train_router(args) -> None:
-    from tokencache.cache import train_router
+def _train_calibration(args, train, kind: str, **settings) -> None:
+    """Train a router or predictor (``train``) against the frozen model of ``--checkpoint``.
+
+    The loss log goes to ``<out>.log.jsonl`` beside the artefact.
+    """
     from tokencache.run import build_model
 
     model = build_model(args.checkpoint, args.model)
     log_path = Path(args.out).with_suffix(".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        summary = train_router(model, args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow,
-                               steps=args.steps, batch_size=args.batch_size, num_samples=args.num_samples,
-                               lr=args.lr, l1=args.l1, seed=args.seed, clip_denoised=args.clip_denoised,
-                               out=args.out, progress=not args.quiet, log=log)
-    _emit({"router": str(args.out), **summary}, args.json, f"wrote {args.out}")
+        summary = train(model, args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, steps=args.steps,
+                        batch_size=args.batch_size, num_samples=args.num_samples, lr=args.lr, seed=args.seed,
+                        clip_denoised=args.clip_denoised, out=args.out, progress=not args.quiet, log=log, **settings)
+    _emit({kind: str(args.out), **summary}, args.json, f"wrote {args.out}")
+
+
+def cmd_train_router(args) -> None:
+    from tokencache.cache import train_router
+
+    _train_calibration(args, train_router, "router", l1=args.l1)
 
 
 def cmd_train_predictor(args) -> None:
     from tokencache.cache import train_predictor
-    from tokencache.run import build_model
 
-    model = build_model(args.checkpoint, args.model)
-    log_path = Path(args.out).with_suffix(".log.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        summary = train_predictor(model, args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow,
-                                  steps=args.steps, batch_size=args.batch_size, num_samples=args.num_samples,
-                                  lr=args.lr, sparsity=args.sparsity, seed=args.seed,
-                                  clip_denoised=args.clip_denoised, out=args.out, progress=not args.quiet, log=log)
-    _emit({"predictor": str(args.out), **summary}, args.json, f"wrote {args.out}")
+    _train_calibration(args, train_predictor, "predictor", sparsity=args.sparsity)
 
 
 def cmd_flops(args) -> None:
