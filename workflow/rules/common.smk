@@ -216,3 +216,37 @@ def final_outputs():
         *plot_outputs().values(),
         f"{RESULTS}/plots/samples_grid.png",
     ]
+
+
+def write_report(cfg: dict, snakefile: str) -> None:
+    """After a successful run: ``snakemake --report RESULTS/report.html`` for this run's config.
+
+    The merged config goes to the inner call as one YAML file, so ``--configfile`` and ``--config``
+    choices carry over. Written to a temporary name and renamed, so a killed report leaves no half
+    file; a failure is one warning line with the command to retry, not a failed run.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    out, tmp = Path(RESULTS) / "report.html", Path(RESULTS) / ".report.part.html"
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    exe = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
+    cmd = [exe, "--snakefile", snakefile, "--configfile", f.name, "--report", str(tmp), "--nolock", "--quiet", "all"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0 and tmp.exists():
+            os.replace(tmp, out)
+            print(f"report: {out}", file=sys.stderr)
+        else:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"report: not written ({tail}); retry with `snakemake --report {out}`", file=sys.stderr)
+    finally:
+        os.unlink(f.name)
+        tmp.unlink(missing_ok=True)
