@@ -4,8 +4,8 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves large blocks (the testb
 activations are 10–30 MB at batch 400) with a fresh ``mmap`` and returns them with ``munmap`` when
 freed, so every forward pass touches new pages and pays one page fault per 4 KiB. On the
 reference machine (a sandboxed 2-core VM, where a fault is costly) one forward of DiT-digits at
-batch 400 took 102,144 faults; with mmap off and trimming off it takes none and runs ~40% faster
-(``python -m tokencache._allocator`` measures it). The memory a process keeps is its own peak
+batch 400 took 102,144 faults; with mmap off and trimming off it takes none and runs 1.2–1.4×
+faster (``python -m tokencache._allocator`` measures it). The memory a process keeps is its own peak
 working set, which the caching engine holds anyway. This is the same advice as PyTorch's CPU
 performance guide (use an allocator that keeps memory: jemalloc, tcmalloc), done without
 preloading a library.

@@ -238,7 +238,7 @@ def write_report(cfg: dict, snakefile: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f)
     exe = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
-    cmd = [exe, "--snakefile", snakefile, "--configfile", f.name, "--report", str(tmp), "--nolock", "--quiet", "all"]
+    cmd = [exe, "--snakefile", snakefile, "--configfile", f.name, "--report", str(tmp), "--nolock", "--quiet"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0 and tmp.exists():
