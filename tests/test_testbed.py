@@ -60,7 +60,7 @@ def test_training_lowers_the_loss(tmp_path):
 
 
 def test_keep_freed_memory_removes_the_page_faults_of_a_forward():
-    """The CLI's glibc setting: after one warm-up forward, later forwards touch no new pages."""
+    """The CLI's glibc setting: after one warm-up forward, later forwards touch (almost) no new pages."""
     import json
     import os
     import subprocess
@@ -73,4 +73,5 @@ def test_keep_freed_memory_removes_the_page_faults_of_a_forward():
                          text=True, check=True).stdout
     row = json.loads(out)
     assert row["keep_freed_memory"] is True
-    assert row["faults_per_forward"] < 100  # system malloc: ~100,000 per forward at batch 400
+    # system malloc: a fault per 4 KiB page of every activation, 102,144 per forward here; kept memory: 0–320
+    assert row["faults_per_forward"] < 2_000
