@@ -37,6 +37,7 @@ def test_models_json(capsys):
     (["sample", "--checkpoint", "nope.pt", "--out", "x.npz"], "does not exist"),
     (["train-backbone", "--model", "DiT-XXL/2", "--out", "x.pt", "--steps", "1"], "unknown model"),
     (["train-backbone", "--steps", "0", "--out", "x.pt"], "--steps"),
+    (["train-backbone", "--grad-clip", "-1", "--out", "x.pt"], "--grad-clip"),
 ])
 def test_user_errors_are_one_line(capsys, argv, fragment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -82,9 +82,9 @@ def cmd_train_backbone(args) -> None:
     recipe = {**TESTBED_RECIPES.get(args.model, TESTBED_RECIPES["DiT-digits"]),
               **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}}
     cfg = TrainConfig(model=args.model, overrides=parse_overrides(args.set), seed=args.seed, threads=args.threads,
-                      loss_weighting=args.loss_weighting, **recipe)
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise ValueError("--steps and --batch-size must be ≥ 1 and --lr > 0")
+                      loss_weighting=args.loss_weighting, grad_clip=args.grad_clip, **recipe)
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.grad_clip < 0:
+        raise ValueError("--steps and --batch-size must be ≥ 1, --lr > 0 and --grad-clip ≥ 0")
     from tokencache.models.registry import resolve
 
     resolve(cfg.model, **cfg.overrides)  # unknown model or keyword: fail before any file is written
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps (default: the preset's testbed recipe, DiT-digits 1000, MDTv2-digits 600)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's, 32)")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: the recipe's, 1e-2)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for none (default: 1)")
     p.add_argument("--loss-weighting", choices=["official", "min_snr"], default="min_snr",
                    help="official (DiT: uniform ε-MSE; MDTv2: min-SNR-5) or min_snr for both (default: min_snr, "
                         "which converges several times faster on the testbed)")
