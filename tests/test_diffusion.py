@@ -384,3 +384,11 @@ def test_training_losses_use_q_sample_with_given_noise():
     abar = torch.tensor(original_alpha_bar()[[d.timestep_map[3], d.timestep_map[200]]])
     x_t = abar.sqrt().view(-1, 1, 1, 1) * x0.double() + (1 - abar).sqrt().view(-1, 1, 1, 1) * noise
     torch.testing.assert_close(seen[0].double(), x_t, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_beta_schedule_is_a_user_error_naming_the_choices():
+    from tokencache.diffusion.schedules import get_named_beta_schedule
+
+    assert get_named_beta_schedule("linear", 1000).shape == (1000,)
+    with pytest.raises(ValueError, match="'linear' or 'squaredcos_cap_v2'"):
+        get_named_beta_schedule("cosine", 1000)
