@@ -12,6 +12,10 @@ steps. A transformer has no U, so we choose one (there is no canonical DiT adapt
   inside it, so skipping it is consistent.
 
 With k = 1 and N = 3 this is DeepCache's default (cache_branch_id 0, cache_interval 3).
+
+What is ours (DeepCache has official code for U-Nets only, horseee/DeepCache): both the DiT/MDT
+v1 span (first and last k blocks recomputed) and the MDTv2 span along its long skips are our
+adaptation; full steps are every N steps from the first (DeepCache's own schedule).
 """
 from dataclasses import dataclass
 

@@ -1,10 +1,15 @@
-"""``l2c``: Learning-to-Cache (Ma et al., arXiv 2406.01733, horseee/learning-to-cache).
+"""``l2c``: Learning-to-Cache (Ma et al., arXiv 2406.01733; horseee/learning-to-cache @ d6cc7817, ``DiT/``).
 
 A trained router (``tokencache train-router``, :func:`tokencache.cache.train_router`) holds
-one logit per (step, block, branch). Steps with odd respaced index i run in full and store
-every branch; a step with even i reuses branch (block, b) where σ(logit[i, block, b]) ≤ θ.
-The first step always computes (nothing is stored yet). The router must have been trained for
-this model (configuration and weights) and this sampler.
+one logit per (step, block, branch). As in the official ``DiT/models/dynamic_models.py``
+(lines 298–312) with ``STE`` (``router_models.py`` 154–155): steps with odd respaced index i
+(counting down from T−1) run in full and store every branch; a step with even i reuses branch
+(block, b) unless σ(logit[i, block, b]) > θ. The router must have been trained for this model
+(configuration and weights) and this sampler.
+
+What is ours: at an odd step count T the first step has an even index T−1; the official code
+computes it (nothing is stored yet) and then indexes a routing it never filled, which crashes.
+Here that step simply computes everything, and the routed steps are the even i < T−1.
 """
 from dataclasses import dataclass
 

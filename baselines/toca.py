@@ -1,26 +1,40 @@
-"""``toca``: ToCa, token-wise feature caching (Zou et al., ICLR 2025; Shenyi-Z/ToCa ``DiT-ToCa/``).
+"""``toca``: ToCa, token-wise feature caching (Zou et al., ICLR 2025; Shenyi-Z/ToCa @ e84096ff, ``DiT-ToCa/``).
 
-Rules, as in the official DiT code (``cal_type``, ``force_scheduler``, ``fresh_ratio_scheduler``,
-``score_evaluate``, ``cache_cutfresh``); s counts down from T−1 (first step) to 0 as there:
+The official DiT code's rules, file:line at that commit (s = the respaced step index, counting
+down from T−1 at the first step to 0, as ``current['step']`` there):
 
-* Full steps: the first step, then every step with s % I == 0, where I is set at each full step
-  to round(N / (1 + w − 2w·s/T)) (w = 0.4; float32 round-half-even), forced to 2 for s in
-  [⌊0.2T⌋, ⌊0.4T⌋) — and w = 0 with no forcing when R = 0 (the official FORA mode). A full step
-  runs attention with explicit softmax to score tokens.
-* ToCa steps, per block l and module: ratio = clamp(R · layer · step · module, 0, 1) and
-  k = ⌊ratio·N⌋ tokens recomputed, the others reused. ``ToCa-ddpm250``: step 1.4 − 0.8·s/T,
-  layer 1.8 − 1.6·l/(L−1); ``ToCa-ddim50``: step 3 − 4·s/T, layer 0.8 + 0.4·l/(L−1); module
-  factor attn 1 − 0.4·m, mlp 1 + 0.6·m (m = 2.5: attention fully reused, MLP ×2.5); ``constant``:
-  R for both modules. (The official code divides by 27 for DiT-XL's 28 blocks: L−1 here.)
-* Token score: s1 = L2-normalised column sum of the head-averaged attention map of the block's
-  last full step (attention a token receives) + 0.25 · (steps since the token was last
-  recomputed in this module) / N; then the best token of each 2×2 grid cell gets +0.6 × its
-  score; the top k are recomputed and their counters reset.
+* **Full or ToCa, per block.** Every block re-tests ``s % I == 0`` (``models.py`` 132,
+  ``cache_functions/cal_type.py`` 8–17); the first step is full. When block 0 runs full it
+  resets the interval (``force_init.py`` 9–12 → ``force_scheduler.py`` 12–19):
+  I = round(N / (1 + w − 2w·s/T)) in float32 (w = 0.4, round half to even), forced to 2 for
+  s in [⌊0.2T⌋, ⌊0.4T⌋); w = 0 and no forcing when R = 0 (the code's FORA mode). Blocks 1…L−1
+  of that same step re-test with the *new* I, and where it does not divide s they run as ToCa
+  blocks. So a "full step" can be full in block 0 only (s = 245 and 155 at DDPM-250, s = 45
+  and 32 at DDIM-50). A commented-out ``if layer == 27`` (``force_init.py`` 11) suggests this
+  was not intended; it is what produced the published numbers, so it is the default
+  (``per_block_retest=False`` decides once per step, from block 0).
+* **Full block**: attention with its explicit softmax map, head-averaged (``attention.py``
+  57–63), both branch outputs cached before their gates, the block's token counters reset
+  (``models.py`` 148–159, ``force_init.py`` 8).
+* **ToCa block**: the whole attention output is reused whatever the ratio schedule
+  (``models.py`` 182–183); the MLP recomputes the top k tokens and reuses the rest
+  (``models.py`` 185–190). k = ⌊clamp(R·layer·step·module, 0, 1)·N⌋ in float32
+  (``cache_cutfresh.py`` 17–18, 24): ``ToCa-ddpm250`` step 1 + 0.4 − 0.8·s/T, layer
+  1 + 0.8 − 1.6·l/27; ``ToCa-ddim50`` step 1 + 2 − 4·s/T, layer 1 − 0.2 + 0.4·l/27; module
+  (MLP) 1 + 0.6·2.5 (``fresh_ratio_scheduler.py`` 40–73); ``constant``: R
+  (``fresh_ratio_scheduler.py`` 12–13). The official /27 is DiT-XL's L − 1; we divide by L − 1.
+* **Token score** (``score_evaluate.py`` 26–32, 64–70; ``scores.py`` 12): s1 = L2-normalised
+  column sum of the block's last head-averaged attention map + 0.25·(steps since the token was
+  last recomputed in this module)/N; then the best token of each 2×2 grid cell gets +0.6 × its
+  score (``cache_cutfresh.py`` 21, 52–82); the top k by a descending sort are recomputed and
+  their counters reset, every other counter + 1 (``cache_cutfresh.py`` 23–33).
 
-Overhead counters (per batch row): ``attention_scores`` — attention maps reduced to s1 on full
-steps (head mean H·N², column sum N², L2 norm N); ``token_scores`` — tokens scored for a subset
-choice (s3 and s4 terms, a sort of N scores). The explicit-softmax attention itself is the
-engine's ``explicit_attention``.
+What is ours: ties in the sort go to the lower token index (``argsort`` stable; the official
+sort is not stable, and ties of float scores do not occur in practice); ``partial_attention=True``
+recomputes attention tokens too, with the module factor 1 − 0.4·m — the paper's general form,
+not the official DiT code. Overhead counters (per batch row): ``attention_scores`` — attention
+maps reduced to s1 on full blocks; ``token_scores`` — tokens scored for a subset choice. The
+explicit-softmax attention itself is the engine's ``explicit_attention``.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -47,33 +61,43 @@ def spatial_bonus(score: torch.Tensor, bonus: float, grid: int) -> torch.Tensor:
     return cells.view(b, g, g, CELL, CELL).permute(0, 1, 3, 2, 4).reshape(b, n)
 
 
-def full_step_schedule(num_steps: int, interval: int, ratio: float, weight: float, sensitive: int) -> list[bool]:
-    """Which sampling steps (0 = first) are full, by the official force-fresh rules."""
+def refresh_interval(s: int, num_steps: int, interval: int, ratio: float, weight: float, sensitive: int) -> int:
+    """I set by a full block 0 at step s: round(N / (1 + w − 2w·s/T)) in float32, or the forced 2."""
     weight = 0.0 if ratio == 0 else weight
-    full, threshold = [], interval
-    for step in range(num_steps):
-        s = num_steps - 1 - step
-        is_full = step == 0 or s % threshold == 0
-        if is_full:
-            factor = torch.tensor(1 + weight - 2 * weight * s / num_steps)
-            threshold = int(torch.round(interval / factor))
-            if ratio != 0 and int(num_steps * 0.2) <= s < int(num_steps * 0.4):
-                threshold = sensitive
-            threshold = max(threshold, 1)
-        full.append(is_full)
-    return full
+    factor = torch.tensor(1 + weight - 2 * weight * s / num_steps)
+    threshold = int(torch.round(interval / factor))
+    if ratio != 0 and int(num_steps * 0.2) <= s < int(num_steps * 0.4):
+        threshold = sensitive
+    return max(threshold, 1)
+
+
+def full_blocks(num_steps: int, num_blocks: int, interval: int, ratio: float, weight: float, sensitive: int,
+                per_block_retest: bool = True) -> list[list[bool]]:
+    """full[k][l]: whether block l runs in full at sampling step k (0 = first), by the force-fresh rules.
+
+    Block 0 tests s % I == 0 and, when full, sets the new I; with ``per_block_retest`` (the
+    official code) blocks 1…L−1 test the new I, otherwise they follow block 0.
+    """
+    plan, threshold = [], interval
+    for k in range(num_steps):
+        s = num_steps - 1 - k
+        first = k == 0 or s % threshold == 0
+        if first:
+            threshold = refresh_interval(s, num_steps, interval, ratio, weight, sensitive)
+        rest = first if not per_block_retest else (k == 0 or s % threshold == 0)
+        plan.append([first] + [rest] * (num_blocks - 1))
+    return plan
 
 
 def fresh_tokens(schedule: str, ratio: float, s: int, num_steps: int, layer: int, layers: int, module: str,
                  module_weight: float, num_tokens: int) -> int:
-    """k = ⌊clamp(R·layer·step·module, 0, 1)·N⌋, in the official float32 arithmetic."""
+    """k = ⌊clamp(R·layer·step·module, 0, 1)·N⌋, in the official float32 arithmetic and operation order."""
     if schedule == "constant":
         value = ratio
     else:
         step_w, layer_w = SCHEDULE_WEIGHTS[schedule]
-        depth = layer / (layers - 1) if layers > 1 else 0.0
         step_factor = 1 + step_w - 2 * step_w * s / num_steps
-        layer_factor = 1 + layer_w - 2 * layer_w * depth
+        layer_factor = 1 + layer_w - 2 * layer_w * layer / (layers - 1) if layers > 1 else 1 + layer_w
         if module == "attn":
             module_factor = 1 - (1 - MODULE_TIME_WEIGHT) * module_weight
         else:
@@ -85,7 +109,7 @@ def fresh_tokens(schedule: str, ratio: float, s: int, num_steps: int, layer: int
 @register_method
 @dataclass
 class ToCa(CacheMethod):
-    """ToCa: full steps on the force-fresh schedule; in between, recompute the top-scored R·factor tokens per block."""
+    """ToCa: blocks full on the force-fresh schedule (re-tested per block); elsewhere attention reused and the MLP's top-scored tokens recomputed."""
 
     name = "toca"
     interval: Optional[int] = param(None, "N: base full-step interval (fresh_threshold); None = official for the "
@@ -98,7 +122,12 @@ class ToCa(CacheMethod):
     spatial_bonus: float = param(0.6, "s4: the best token of each 2×2 cell gets + bonus × its score", min=0.0)
     interval_weight: float = param(0.4, "w in the full-step interval round(N / (1 + w − 2w·s/T))", min=0.0, max=0.9)
     sensitive_interval: int = param(2, "full-step interval forced for s in [0.2T, 0.4T) when R > 0", min=1)
-    module_weight: float = param(2.5, "m: module factors attn 1 − 0.4m (0 at 2.5), mlp 1 + 0.6m", min=0.0, max=2.5)
+    module_weight: float = param(2.5, "m: MLP factor 1 + 0.6m (and attention 1 − 0.4m with partial_attention)",
+                                 min=0.0, max=2.5)
+    per_block_retest: bool = param(True, "official: blocks 1…L−1 re-test the interval block 0 just reset; "
+                                         "False: one decision per step")
+    partial_attention: bool = param(False, "not official for DiT: also recompute top attention tokens (factor "
+                                           "1 − 0.4m) instead of reusing the whole attention output")
 
     def setup(self, info):
         super().setup(info)
@@ -106,40 +135,41 @@ class ToCa(CacheMethod):
         self.base_interval = self.interval or (4 if ddpm else 3)
         self.ratio_schedule = self.schedule if self.schedule != "auto" else ("ToCa-ddpm250" if ddpm else "ToCa-ddim50")
         T, L, N = info.num_steps, info.block_count, info.num_tokens
-        self.full = full_step_schedule(T, self.base_interval, self.fresh_ratio, self.interval_weight,
-                                       self.sensitive_interval)
-        self.tokens = [None if self.full[k] else
-                       [{m: fresh_tokens(self.ratio_schedule, self.fresh_ratio, T - 1 - k, T, layer, L, m,
-                                         self.module_weight, N) for m in ("attn", "mlp")} for layer in range(L)]
-                       for k in range(T)]
-        self.needs_scores = any(0 < row[m] < N for plan in self.tokens if plan for row in plan for m in row)
+        self.full = full_blocks(T, L, self.base_interval, self.fresh_ratio, self.interval_weight,
+                                self.sensitive_interval, self.per_block_retest)
+        modules = ("attn", "mlp") if self.partial_attention else ("mlp",)
+        self.tokens = {(k, layer): {m: (fresh_tokens(self.ratio_schedule, self.fresh_ratio, T - 1 - k, T, layer, L, m,
+                                                     self.module_weight, N) if m in modules else 0)
+                                    for m in ("attn", "mlp")}
+                       for k in range(T) for layer in range(L) if not self.full[k][layer]}
+        self.needs_scores = any(0 < n < N for row in self.tokens.values() for n in row.values())
         if self.needs_scores and self.spatial_bonus > 0 and info.grid_size % CELL:
             raise ValueError(f"toca: the 2×2 spatial bonus needs an even token grid, got {info.grid_size}×"
                              f"{info.grid_size} (set spatial_bonus=0)")
         self.full_attention = Compute(attention=True) if self.needs_scores else COMPUTE
 
     def reset(self):
-        self.scores = {}  # block → s1 (B, N) from its last full step
+        self.scores = {}  # block → s1 (B, N) from its last full computation
         self.stale = {}  # (block, module) → steps since each token's last recompute (B, N)
 
     def branch_action(self, step, block, branch):
         key = (block, branch)
-        if self.full[step]:
+        if self.full[step][block]:
             self.stale.pop(key, None)  # every token fresh: counters at 0
             return self.full_attention if branch == "attn" else COMPUTE
-        k = self.tokens[step][block][branch]
+        k = self.tokens[step, block][branch]
         if k >= self.info.num_tokens:
             self.stale.pop(key, None)
             return COMPUTE
-        if not self.needs_scores:  # no step of this schedule recomputes a proper subset
-            return REUSE
+        if not self.needs_scores or (branch == "attn" and not self.partial_attention):
+            return REUSE  # the official code cuts (and counts) only the MLP's tokens
         stale = self.stale.get(key)
         if stale is None:
             stale = torch.zeros_like(self.scores[block], dtype=torch.int32)
         if k == 0:
             self.stale[key] = stale + 1
             return REUSE
-        score = self.scores[block] + self.soft_fresh_weight * stale / self.base_interval
+        score = self.scores[block] + self.soft_fresh_weight * (stale.float() / self.base_interval)
         if self.spatial_bonus > 0:
             score = spatial_bonus(score, self.spatial_bonus, self.info.grid_size)
         tokens = torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]

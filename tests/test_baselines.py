@@ -1,5 +1,6 @@
 """The baseline methods: no-op settings equal `full`, schedules and counts, batch independence, L2C."""
 import math
+import sys
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from conftest import TINY, randomize
 from tokencache.cache import attach, get_method, load_router, save_router, train_router
 from tokencache.models import create_model
-from tokencache.sampling import draw_labels, generate, sample_generators
+from tokencache.sampling import draw_labels, generate, parse_sampler, sample_generators
 
 N_TOKENS = 16  # TINY: 8×8 input at patch 2
 
@@ -42,7 +43,7 @@ def random_logits(model, steps, seed=0):
 
 NOOP = {
     "fora": dict(interval=1),
-    "toca-all-fresh": dict(schedule="constant", fresh_ratio=1.0, module_weight=0.0),
+    "toca-all-fresh": dict(schedule="constant", fresh_ratio=1.0, module_weight=0.0, partial_attention=True),
     "toca-all-full": dict(interval=1, interval_weight=0.0, sensitive_interval=1),
     "deepcache": dict(interval=1),
     "steps": dict(num_steps=12),
@@ -69,10 +70,10 @@ def test_fora_reuses_everything_between_full_steps(tiny_dit):
     _, engine = run(tiny_dit, get_method("fora", interval=3), "ddim50", range(2))
     counts = engine.counts
     full = [k for k in range(50) if (counts[k] == N_TOKENS).all()]
-    assert full == list(range(0, 50, 3)) and len(full) == 17
+    assert full == [0] + list(range(1, 50, 3)) and len(full) == 18  # i = 49, then i % 3 == 0: 48, 45, …, 0
     assert (counts[[k for k in range(50) if k not in full]] == 0).all()
     summary = engine.summary()
-    assert summary["full_steps"] == 17 and summary["skipped_fraction"] == pytest.approx(33 / 50)
+    assert summary["full_steps"] == 18 and summary["skipped_fraction"] == pytest.approx(32 / 50)
     assert summary["blocks_run_fraction"] == 1.0 and summary["rows"] == 4  # CFG: 2 rows per sample
 
 
@@ -93,49 +94,116 @@ def test_deepcache_counts(tiny_dit, tiny_mdt):
         run(tiny_mdt, get_method("deepcache", shallow_blocks=1), "ddim20", [0])
 
 
-def official_toca_plan(num_steps, blocks, loop, fresh_ratio=0.07):
-    """ToCa's rules written out independently: (full steps, mlp tokens per step and block)."""
-    interval = 4 if loop == "ddpm" else 3
-    step_w, layer_w = (0.4, 0.8) if loop == "ddpm" else (2.0, -0.2)
-    full, tokens, threshold = [], {}, interval
-    for k in range(num_steps):
-        s = num_steps - 1 - k  # the official step counts down
-        if k == 0 or s % threshold == 0:
-            full.append(k)
-            threshold = round(interval / (1 + 0.4 - 0.8 * s / num_steps))
-            if int(0.2 * num_steps) <= s < int(0.4 * num_steps):
-                threshold = 2
-            continue
-        for layer in range(blocks):
-            ratio = (fresh_ratio * (1 + layer_w - 2 * layer_w * layer / (blocks - 1))
-                     * (1 + step_w - 2 * step_w * s / num_steps) * 2.5)
-            tokens[k, layer] = math.floor(min(max(ratio, 0.0), 1.0) * N_TOKENS)
-    return full, tokens
+# ---------------------------------------------------------------------- peer equivalence (official rules)
+
+#: samplers of the peer tests: the official settings and a short odd-length one
+PEER_SAMPLERS = ["ddpm250", "ddim50", "ddim7", "ddpm9"]
 
 
-def test_toca_schedule_and_fresh_token_counts(tiny_dit):
-    import sys
-
-    _, engine = run(tiny_dit, get_method("toca"), "ddim50", range(2))
-    full, tokens = official_toca_plan(50, 4, "ddim")
-    assert [49 - k for k in full] == [49, 45, 44, 40, 36, 32, 30, 27, 24, 21, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0]
+def toca_record(engine):
+    """(types, mlp tokens) per (step, block) as the engine recorded them."""
     counts = engine.counts
-    assert [k for k in range(50) if (counts[k] == N_TOKENS).all()] == full
-    for (k, layer), k_mlp in tokens.items():
-        assert counts[k, layer, 0] == 0, (k, layer)  # attention fully reused on ToCa steps
-        assert counts[k, layer, 1] == k_mlp, (k, layer)
-    assert 0 < engine.summary()["partial_fraction"] < 1
-    overhead = engine.summary()["overhead"]
-    partial = sum(0 < v < N_TOKENS for v in tokens.values())
-    assert overhead["token_scores"]["total"] == partial * N_TOKENS
-    assert overhead["explicit_attention"]["total"] == len(full) * 4
-    # DDPM-250 rules, checked on the plan alone (no model run)
+    types = [["full" if (counts[k, layer] == N_TOKENS).all() else "ToCa" for layer in range(counts.shape[1])]
+             for k in range(counts.shape[0])]
+    return types, counts[..., 1].tolist()
+
+
+@pytest.mark.parametrize("sampler", PEER_SAMPLERS)
+def test_toca_matches_the_official_per_block_rules(tiny_dit, sampler):
+    from official_rules import toca_official
+
+    spec = parse_sampler(sampler)
+    ddpm = spec.loop == "ddpm"
+    _, engine = run(tiny_dit, get_method("toca"), sampler, range(2))
+    types, mlp, _ = toca_official(spec.steps, 4, N_TOKENS, 0.07, 4 if ddpm else 3,
+                                  "ToCa-ddpm250" if ddpm else "ToCa-ddim50")
+    got_types, got_mlp = toca_record(engine)
+    assert got_types == types and got_mlp == mlp
+    counts = engine.counts
+    for k in range(spec.steps):
+        for layer in range(4):  # attention: all tokens on full blocks, reused on ToCa blocks
+            assert counts[k, layer, 0] == (N_TOKENS if types[k][layer] == "full" else 0)
+    if sampler == "ddim50":  # a full block 0 followed by ToCa blocks: the per-block re-test
+        assert [49 - k for k in range(50) if types[k][0] == "full" and types[k][1] == "ToCa"] == [45, 32]
+
+
+def test_toca_per_block_retest_at_dit_xl_depth():
+    """At 28 blocks: the steps where only block 0 is full, as the issue found on DiT-XL/2."""
+    from official_rules import toca_official
+
     toca = sys.modules[type(get_method("toca")).__module__]
-    full_ddpm, tokens_ddpm = official_toca_plan(250, 28, "ddpm")
-    plan = toca.full_step_schedule(250, 4, 0.07, 0.4, 2)
-    assert [k for k in range(250) if plan[k]] == full_ddpm
-    for (k, layer), want in tokens_ddpm.items():
-        assert toca.fresh_tokens("ToCa-ddpm250", 0.07, 249 - k, 250, layer, 28, "mlp", 2.5, N_TOKENS) == want
+    for sampler, n, schedule, only_block0 in (("ddpm250", 4, "ToCa-ddpm250", [245, 155]),
+                                              ("ddim50", 3, "ToCa-ddim50", [45, 32])):
+        steps = parse_sampler(sampler).steps
+        types, mlp, _ = toca_official(steps, 28, 256, 0.07, n, schedule)
+        plan = toca.full_blocks(steps, 28, n, 0.07, 0.4, 2)
+        assert [[t == "full" for t in row] for row in types] == plan
+        assert [steps - 1 - k for k in range(steps) if plan[k][0] and not plan[k][1]] == only_block0
+        for k in range(steps):
+            for layer in range(28):
+                if not plan[k][layer]:
+                    assert toca.fresh_tokens(schedule, 0.07, steps - 1 - k, steps, layer, 28, "mlp", 2.5, 256) \
+                        == mlp[k][layer]
+        once = toca.full_blocks(steps, 28, n, 0.07, 0.4, 2, per_block_retest=False)
+        assert all(row == [row[0]] * 28 for row in once) and [r[0] for r in once] == [r[0] for r in plan]
+
+
+def test_toca_chooses_the_official_tokens(tiny_dit):
+    """End to end on a random DiT: every MLP subset equals the official score's top-k."""
+    from official_rules import toca_official
+
+    method = get_method("toca")
+    maps, chosen = {}, {}
+    observe, decide = method.observe, method.branch_action
+    state = {"step": None}
+
+    def spy_observe(step, block, branch, *, x, output, attention):
+        if attention is not None:
+            maps[(step, block)] = attention.mean(dim=1)
+        observe(step, block, branch, x=x, output=output, attention=attention)
+
+    def spy_decide(step, block, branch):
+        action = decide(step, block, branch)
+        if branch == "mlp" and type(action).__name__ == "Subset":
+            chosen[(step, block)] = action.tokens.clone()
+        return action
+
+    method.observe, method.branch_action = spy_observe, spy_decide
+    run(tiny_dit, method, "ddim50", range(3))
+    _, _, official = toca_official(50, 4, N_TOKENS, 0.07, 3, "ToCa-ddim50", attention_maps=lambda k, l: maps[(k, l)])
+    partial = {key: value for key, value in official.items() if 0 < value.shape[1] < N_TOKENS}
+    assert partial and set(partial) == set(chosen)
+    for key, tokens in partial.items():
+        assert torch.equal(chosen[key], tokens), key
+
+
+@pytest.mark.parametrize("sampler", PEER_SAMPLERS + ["ddpm50"])
+@pytest.mark.parametrize("interval", [2, 3, 4])
+def test_fora_matches_the_official_down_counting_phase(tiny_dit, sampler, interval):
+    from official_rules import fora_official
+
+    steps = parse_sampler(sampler).steps
+    _, engine = run(tiny_dit, get_method("fora", interval=interval), sampler, [0])
+    full = fora_official(steps, interval)
+    counts = engine.counts
+    assert [bool((counts[k] == N_TOKENS).all()) for k in range(steps)] == full
+    assert all((counts[k] == 0).all() for k in range(steps) if not full[k])
+    if sampler == "ddpm50" and interval == 3:
+        assert [49 - k for k in range(50) if full[k]][:4] == [49, 48, 45, 42]
+
+
+@pytest.mark.parametrize("sampler", ["ddim50", "ddim20", "ddpm250", "ddim7"])
+def test_l2c_matches_the_official_routing(tiny_dit, tmp_path, sampler):
+    from official_rules import l2c_official
+
+    steps = parse_sampler(sampler).steps
+    logits = random_logits(tiny_dit, steps, seed=steps)
+    path = router_file(tmp_path, tiny_dit, sampler, logits)
+    _, engine = run(tiny_dit, get_method("l2c", router=path, threshold=0.1), sampler, [0])
+    plan = l2c_official(steps, torch.sigmoid(logits), 0.1)
+    computed = (engine.counts == N_TOKENS).tolist()
+    assert computed == [[list(b) for b in row] for row in plan]
+    assert ((engine.counts == 0) | (engine.counts == N_TOKENS)).all()
 
 
 def test_toca_picks_the_best_token_of_each_cell():

@@ -139,7 +139,7 @@ def test_reuse_at_the_same_input_reproduces_the_computation(tiny_dit, tiny_mdt):
         want = model(x, t, y)
         deepcache = get_method("deepcache", interval=2, shallow_blocks=1 if model is tiny_dit else 0)
         for method in (get_method("fora", interval=2), SpanThenReuse(), deepcache):
-            engine = CacheEngine(model, method, "ddim12").attach()
+            engine = CacheEngine(model, method, "ddim13").attach()  # fora: step 1 (i = 11) reuses
             try:
                 engine.begin_step(0)
                 first = model(x, t, y)

@@ -88,5 +88,6 @@ def test_sample_with_a_method_records_counts(tmp_path):
                  "--method", "fora", "--set", "interval=3", "--out", str(out), "--device", "cpu"]) == 0
     cache = json.loads(out.with_suffix(".json").read_text())["cache"]
     counts = np.asarray(cache["counts_per_sample"])
-    assert cache["method"] == "fora" and cache["full_steps"] == 3
-    assert counts.shape == (9, TINY["depth"], 2) and (counts[[0, 3, 6]] == 16).all() and counts[[1, 2, 4]].sum() == 0
+    assert cache["method"] == "fora" and cache["full_steps"] == 4  # i = 8 (first), 6, 3, 0
+    assert counts.shape == (9, TINY["depth"], 2) and (counts[[0, 2, 5, 8]] == 16).all()
+    assert counts[[1, 3, 4, 6, 7]].sum() == 0

@@ -40,7 +40,7 @@ def test_a_new_file_is_picked_up(registry, tmp_path, tiny_dit):
             gens = sample_generators(0, range(2))
             outs.append(generate(tiny_dit, engine.sampler, draw_labels(gens, 10), gens,
                                  step_listener=engine.step_listener, clip_denoised=True))
-        assert engine.summary()["full_steps"] == 5
+        assert engine.summary()["full_steps"] == 6  # i = 9, then i even: 8, 6, 4, 2, 0
     assert torch.equal(*outs)
 
 
@@ -105,7 +105,8 @@ def test_parameters_are_typed_and_converted():
 def test_describe_methods_is_json():
     described = {m["name"]: m for m in json.loads(json.dumps(describe_methods()))}
     assert described["fora"]["params"] == [{"name": "interval", "type": "int", "default": 3,
-                                            "doc": "N: a full step every N steps (official: 3)", "range": "1 … ∞"}]
+                                            "doc": "N: full where the step index i (counting down) is divisible by N (official: 3)",
+                                            "range": "1 … ∞"}]
     toca = {p["name"]: p for p in described["toca"]["params"]}
     assert toca["fresh_ratio"]["default"] == 0.07 and toca["interval"]["type"] == "int | None"
     assert all(m["doc"] for m in described.values())

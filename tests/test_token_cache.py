@@ -164,7 +164,7 @@ def test_relaxation_endpoints(tiny_dit):
             zeros = tiny_dit(x1, t1, y)
     finally:
         engine.detach()
-    with attach(tiny_dit, get_method("fora", interval=2), "ddim4") as fora:
+    with attach(tiny_dit, get_method("fora", interval=2), "ddim5") as fora:  # step 1 (i = 3) reuses
         with torch.no_grad():
             fora.begin_step(0)
             tiny_dit(x0, t0, y)

@@ -1,0 +1,172 @@
+"""Independent transcriptions of the official caching codes' scheduling rules, for the peer tests.
+
+Written from the official repositories at pinned commits, in their own terms (the respaced step
+index ``i`` counting down from T−1, per-block ``cal_type``, ``cache_dic`` state), not from this
+project's implementation. Each function returns what the official code would compute for a
+sampling run; the tests compare it with what the engine recorded.
+
+* ToCa — Shenyi-Z/ToCa @ e84096ffd85af4540a6a1f64e3334e428e1b7377, ``DiT-ToCa/``
+* FORA — prathebaselva/FORA @ acde628eb1c9605015542c91040c401919369487, ``src/``
+* Learning-to-Cache — horseee/learning-to-cache @ d6cc7817842e1353b8d902af263bab030b8478da, ``DiT/``
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------------------------ ToCa
+
+
+def toca_official(num_steps: int, num_blocks: int, num_tokens: int, fresh_ratio: float = 0.07,
+                  fresh_threshold: int = 3, ratio_scheduler: str = "ToCa-ddim50", attention_maps=None,
+                  soft_fresh_weight: float = 0.25):
+    """What ``DiT-ToCa`` does per (step, block): its type, and the MLP tokens it recomputes.
+
+    Transcribed from the official code:
+
+    * ``diffusion/gaussian_diffusion.py`` 680–694 / 499–513: ``current['step'] = i`` for
+      i = T−1 … 0; ``cache_init.py`` 26: ``fresh_threshold`` (N).
+    * ``models.py`` 351–353: every block runs ``block(x, c, current, cache_dic)``; 132:
+      ``cal_type`` at the start of *every block*.
+    * ``cal_type.py`` 6–17: first step (i == T−1) uses ``fresh_threshold``, every other step
+      ``cal_threshold``; full iff ``i % interval == 0`` or the first step; else ``ToCa``.
+    * ``models.py`` 148–158: a full block calls ``force_init`` after attention and after the MLP;
+      ``force_init.py`` 8–12: counters of (layer, module) to 0, and for layer 0
+      ``force_scheduler``; ``force_scheduler.py`` 6–19: ``cal_threshold`` =
+      ``torch.round(N / torch.tensor(1 + w − 2w·i/T))``, w = 0.4 (0 if R == 0), = 2 for
+      i in range(int(0.2T), int(0.4T)) when R != 0.
+    * ``models.py`` 182–190: a ToCa block reuses attention and calls ``cache_cutfresh`` for the
+      MLP; ``cache_cutfresh.py`` 17–33: ratio from ``fresh_ratio_scheduler``, clamped as a
+      tensor, ``topk = int(ratio * N)``, counters + 1, chosen counters = 0;
+      ``fresh_ratio_scheduler.py`` 40–73 (layer / 27 → layer / (L − 1)).
+    * ``score_evaluate.py`` 26–32 and 64–70, ``scores.py`` 12, ``cache_cutfresh.py`` 21–25 and
+      52–82: score = normalize(attn_map.sum(dim=1)) + λ·counter / N, the 2×2 cell maxima get
+      +0.6 × their score, descending argsort, the first ``topk``.
+
+    ``attention_maps`` (optional): a function (k, layer) → the head-averaged (B, N, N) map of
+    that block's last full computation; with it the chosen MLP tokens are returned too.
+
+    Returns ``(types, mlp_tokens, chosen)``: types[k][l] in {"full", "ToCa"} for sampling step
+    k = T−1−i; mlp_tokens[k][l] the MLP tokens computed (N on full blocks); chosen[(k, l)] the
+    (B, topk) token indices of ToCa blocks when ``attention_maps`` is given.
+    """
+    cache_dic = {"fresh_threshold": fresh_threshold, "fresh_ratio": fresh_ratio, "cal_threshold": None,
+                 "cache_index": {}, "attn_map": {}}
+    current = {"num_steps": num_steps}
+    types = [[None] * num_blocks for _ in range(num_steps)]
+    mlp_tokens = [[None] * num_blocks for _ in range(num_steps)]
+    chosen = {}
+    for i in range(num_steps - 1, -1, -1):
+        current["step"] = i
+        k = num_steps - 1 - i
+        for layer in range(num_blocks):
+            current["layer"] = layer
+            # cal_type.py
+            first_step = current["step"] == current["num_steps"] - 1
+            fresh_interval = cache_dic["fresh_threshold"] if first_step else cache_dic["cal_threshold"]
+            current["type"] = "full" if (current["step"] % fresh_interval == 0) or first_step else "ToCa"
+            types[k][layer] = current["type"]
+            if current["type"] == "full":
+                for module in ("attn", "mlp"):
+                    cache_dic["cache_index"][(layer, module)] = 0
+                    if layer == 0:  # force_init → force_scheduler
+                        w = 0.0 if cache_dic["fresh_ratio"] == 0 else 0.4
+                        step_factor = torch.tensor(1 + w - 2 * w * current["step"] / current["num_steps"])
+                        threshold = torch.round(cache_dic["fresh_threshold"] / step_factor)
+                        if (current["step"] in range(int(num_steps * 0.2), int(num_steps * 0.4))
+                                and cache_dic["fresh_ratio"] != 0):
+                            threshold = 2
+                        cache_dic["cal_threshold"] = threshold
+                if attention_maps is not None:
+                    cache_dic["attn_map"][layer] = attention_maps(k, layer)
+                mlp_tokens[k][layer] = num_tokens
+                continue
+            # cache_cutfresh for the MLP (fresh_ratio_scheduler, then the clamp as a tensor)
+            ratio = _toca_fresh_ratio(ratio_scheduler, fresh_ratio, i, num_steps, layer, num_blocks)
+            ratio = torch.clamp(torch.tensor(ratio), 0.0, 1.0)
+            topk = int(ratio * num_tokens)
+            mlp_tokens[k][layer] = topk
+            if attention_maps is not None:
+                counter = cache_dic["cache_index"][(layer, "mlp")]
+                score = F.normalize(cache_dic["attn_map"][layer].sum(dim=1), dim=1, p=2)
+                score = score + soft_fresh_weight * torch.as_tensor(counter).float() / fresh_threshold
+                score = _local_selection_with_bonus(score, 0.6, 2)
+                indices = score.argsort(dim=-1, descending=True)
+                fresh = indices[:, :topk]
+                counter = torch.as_tensor(counter) + torch.zeros(score.shape, dtype=torch.int)
+                counter = counter + 1
+                counter.scatter_(1, fresh, torch.zeros_like(fresh, dtype=torch.int))
+                cache_dic["cache_index"][(layer, "mlp")] = counter
+                chosen[(k, layer)] = fresh
+    return types, mlp_tokens, chosen
+
+
+def _toca_fresh_ratio(schedule, fresh_ratio, step, num_steps, layer, num_blocks):
+    """``fresh_ratio_scheduler.py`` 12–13 and 40–73, with /27 written as /(L − 1); module = mlp."""
+    if schedule == "constant":
+        return fresh_ratio
+    step_weight, layer_weight = {"ToCa-ddim50": (2.0, -0.2), "ToCa-ddpm250": (0.4, 0.8)}[schedule]
+    step_factor = 1 + step_weight - 2 * step_weight * step / num_steps
+    layer_factor = 1 + layer_weight - 2 * layer_weight * layer / (num_blocks - 1)
+    module_weight, module_time_weight = 2.5, 0.6
+    module_factor = 1 + module_time_weight * module_weight
+    return fresh_ratio * layer_factor * step_factor * module_factor
+
+
+def _local_selection_with_bonus(score, bonus_ratio, grid_size=2):
+    """``cache_cutfresh.py`` 52–82: the best token of each grid cell gets + bonus × its score."""
+    batch_size, num_tokens = score.shape
+    image_size = int(num_tokens ** 0.5)
+    block_size = grid_size * grid_size
+    reshaped = score.view(batch_size, image_size // grid_size, grid_size, image_size // grid_size, grid_size)
+    reshaped = reshaped.permute(0, 1, 3, 2, 4).contiguous().view(batch_size, -1, block_size)
+    max_scores, max_indices = reshaped.max(dim=-1, keepdim=True)
+    mask = torch.zeros_like(reshaped)
+    mask.scatter_(-1, max_indices, 1)
+    reshaped = reshaped + (mask * max_scores * bonus_ratio)
+    modified = reshaped.view(batch_size, image_size // grid_size, image_size // grid_size, grid_size, grid_size)
+    return modified.permute(0, 1, 3, 2, 4).contiguous().view(batch_size, num_tokens)
+
+
+# ------------------------------------------------------------------------------------------ FORA
+
+
+def fora_official(num_steps: int, cache_threshold: int = 3) -> list[bool]:
+    """Full steps of FORA: ``src/models.py`` 139–143 (``boost_infer_static``): with ``step`` the
+    respaced index i (``gaussian_diffusion.py`` 517, i = T−1 … 0), full iff
+    ``step == int(numstep − 1) or step % int(cache_threshold) == 0``. Indexed by sampling step k."""
+    return [(i == int(num_steps - 1)) or (i % int(cache_threshold) == 0) for i in range(num_steps - 1, -1, -1)]
+
+
+# ------------------------------------------------------------------------------- Learning-to-Cache
+
+
+def l2c_official(num_steps: int, router_probs: torch.Tensor, thres: float) -> list[list[tuple[bool, bool]]]:
+    """Which (attention, MLP) branches each block computes, per sampling step k.
+
+    ``DiT/models/dynamic_models.py``: 196–198 ``reset(start_timestep)`` sets ``cur_timestep =
+    T − 1`` (``sample_ddp.py`` 154 passes T); 298–299 an odd ``cur_timestep`` clears the reused
+    features (a full step); 304–309 a branch is reused iff a feature is stored and its index
+    (2·block attention, 2·block+1 MLP) is not in ``rank[router_idx]``; 251–253 ``rank`` holds,
+    for even router indices only, ``STE.apply(router(), thres).nonzero()``;
+    ``router_models.py`` 154–155 STE is ``(σ(w) > thres)``; 317 ``cur_timestep −= 1``.
+    ``router_idx`` is the respaced index of the step's timestep (292), equal to ``cur_timestep``.
+    At odd T the first step (i = T − 1, even) finds no stored feature and computes everything;
+    the official code then indexes a ``rank`` it never filled (T − 1 is routed) — here the step
+    simply computes, as the engine does.
+    """
+    plan, stored = [], False
+    for cur in range(num_steps - 1, -1, -1):
+        if cur % 2 == 1:
+            stored = False
+        blocks = []
+        for block in range(router_probs.shape[1]):
+            computed = []
+            for branch in range(2):
+                active = (not stored) or bool(router_probs[cur, block, branch] > thres)
+                computed.append(active)
+            blocks.append(tuple(computed))
+        plan.append(blocks)
+        stored = True
+    return plan
