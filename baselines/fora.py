@@ -29,6 +29,7 @@ class FORA(CacheMethod):
     """FORA: full steps where the down-counting step index is divisible by N (and the first); all attention and MLP outputs reused between."""
 
     name = "fora"
+    noop = {"interval": 1}
     interval: int = param(3, "N: full where the step index i (counting down) is divisible by N (official: 3)", min=1)
 
     def setup(self, info):

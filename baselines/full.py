@@ -11,3 +11,5 @@ class Full(CacheMethod):
 
     name = "full"
     passthrough = True
+    role = "reference"
+    noop = {}

@@ -36,7 +36,7 @@ not the official DiT code. Overhead counters (per batch row): ``attention_scores
 maps reduced to s1 on full blocks; ``token_scores`` — tokens scored for a subset choice. The
 explicit-softmax attention itself is the engine's ``explicit_attention``.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -106,12 +106,22 @@ def fresh_tokens(schedule: str, ratio: float, s: int, num_steps: int, layer: int
     return int(torch.clamp(torch.tensor(value), 0.0, 1.0) * num_tokens)
 
 
+@dataclass
+class ToCaState:
+    """Per generation: each block's s1 from its last full computation, each (block, module)'s counters."""
+
+    scores: dict = field(default_factory=dict)  # block → s1 (B, N)
+    stale: dict = field(default_factory=dict)  # (block, module) → steps since each token's last recompute (B, N)
+
+
 @register_method
 @dataclass
 class ToCa(CacheMethod):
     """ToCa: blocks full on the force-fresh schedule (re-tested per block); elsewhere attention reused and the MLP's top-scored tokens recomputed."""
 
     name = "toca"
+    State = ToCaState
+    noop = {"interval": 1, "interval_weight": 0.0, "sensitive_interval": 1}
     interval: Optional[int] = param(None, "N: base full-step interval (fresh_threshold); None = official for the "
                                           "sampler: 4 for DDPM, 3 for DDIM", min=1)
     fresh_ratio: float = param(0.07, "R: base fraction of tokens recomputed on ToCa steps (official 0.07)",
@@ -148,36 +158,42 @@ class ToCa(CacheMethod):
                              f"{info.grid_size} (set spatial_bonus=0)")
         self.full_attention = Compute(attention=True) if self.needs_scores else COMPUTE
 
-    def reset(self):
-        self.scores = {}  # block → s1 (B, N) from its last full computation
-        self.stale = {}  # (block, module) → steps since each token's last recompute (B, N)
+    def resolved(self):
+        return {**self.params(), "interval": self.base_interval, "schedule": self.ratio_schedule}
+
+    def overhead_macs(self, shape):
+        """``attention_scores`` (one map reduced to s1: head mean H·N², column sum N², L2 norm N);
+        ``token_scores`` (one token scored: the s3 multiply-add and the 2×2 bonus, 2; the sort's
+        comparisons are not MACs)."""
+        n = shape.tokens
+        return {"attention_scores": shape.heads * n * n + n * n + n, "token_scores": 2}
 
     def branch_action(self, step, block, branch):
-        key = (block, branch)
+        key, state = (block, branch), self.state
         if self.full[step][block]:
-            self.stale.pop(key, None)  # every token fresh: counters at 0
+            state.stale.pop(key, None)  # every token fresh: counters at 0
             return self.full_attention if branch == "attn" else COMPUTE
         k = self.tokens[step, block][branch]
         if k >= self.info.num_tokens:
-            self.stale.pop(key, None)
+            state.stale.pop(key, None)
             return COMPUTE
         if not self.needs_scores or (branch == "attn" and not self.partial_attention):
             return REUSE  # the official code cuts (and counts) only the MLP's tokens
-        stale = self.stale.get(key)
+        stale = state.stale.get(key)
         if stale is None:
-            stale = torch.zeros_like(self.scores[block], dtype=torch.int32)
+            stale = torch.zeros_like(state.scores[block], dtype=torch.int32)
         if k == 0:
-            self.stale[key] = stale + 1
+            state.stale[key] = stale + 1
             return REUSE
-        score = self.scores[block] + self.soft_fresh_weight * (stale.float() / self.base_interval)
+        score = state.scores[block] + self.soft_fresh_weight * (stale.float() / self.base_interval)
         if self.spatial_bonus > 0:
             score = spatial_bonus(score, self.spatial_bonus, self.info.grid_size)
         tokens = torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
-        self.stale[key] = (stale + 1).scatter_(1, tokens, 0)
+        state.stale[key] = (stale + 1).scatter_(1, tokens, 0)
         self.count("token_scores", self.info.num_tokens)
         return Subset(tokens)
 
-    def observe(self, step, block, branch, *, x, output, attention):
+    def observe(self, step, block, branch, *, x, output, attention, rows):
         if attention is not None:
-            self.scores[block] = F.normalize(attention.mean(dim=1).sum(dim=1), dim=1, p=2)
+            self.state.scores[block] = F.normalize(attention.mean(dim=1).sum(dim=1), dim=1, p=2)
             self.count("attention_scores", 1)

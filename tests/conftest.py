@@ -1,4 +1,6 @@
 """Shared fixtures: tiny models and checkpoints made on the spot (no downloads)."""
+import os
+
 import pytest
 import torch
 
@@ -35,3 +37,33 @@ def tiny_dit():
 @pytest.fixture
 def tiny_mdt():
     return randomize(create_model("MDTv2", **TINY, decode_layer=2, mask_ratio=0.3)).eval()
+
+
+def calibration_file(path, method: str, model, sampler: str, **tensors) -> str:
+    """A calibration file of ``method`` (e.g. a router's or predictor's ``logits``) for ``model`` and ``sampler``."""
+    from tokencache.cache import get_method
+    from tokencache.cache.calibration import save_calibration
+    from tokencache.sampling import parse_sampler
+
+    save_calibration(path, get_method(method), model, parse_sampler(sampler), tensors)
+    return str(path)
+
+
+def readme_examples():
+    """The python examples of baselines/README.md as plugin files in one fixed folder (returned).
+
+    A fixed folder, so that every test loading them registers each example from the same file.
+    """
+    import re
+    import tempfile
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "baselines" / "README.md").read_text()
+    folder = Path(tempfile.gettempdir()) / f"tokencache-readme-examples-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    blocks = re.findall(r"```python\n(\"\"\".*?)```", readme, re.S)
+    for i, code in enumerate(blocks):
+        path = folder / f"example_{i}.py"
+        if not path.is_file() or path.read_text() != code:
+            path.write_text(code)
+    return folder, blocks

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, randomize
-from tokencache.cache import attach, get_method, load_router, save_router, train_router
+from conftest import TINY, calibration_file, randomize
+from tokencache.cache import SamplingSettings, attach, calibrate, get_method, load_calibration
 from tokencache.models import create_model
 from tokencache.sampling import draw_labels, generate, parse_sampler, sample_generators
 
@@ -29,9 +29,7 @@ def run(model, method, sampler, indices, seed=3, cfg_scale=2.0):
 
 
 def router_file(tmp_path, model, sampler, logits, name="router.pt"):
-    path = tmp_path / name
-    save_router(path, logits, model, sampler)
-    return str(path)
+    return calibration_file(tmp_path / name, "l2c", model, sampler, logits=logits)
 
 
 def random_logits(model, steps, seed=0):
@@ -157,10 +155,10 @@ def test_toca_chooses_the_official_tokens(tiny_dit):
     observe, decide = method.observe, method.branch_action
     state = {"step": None}
 
-    def spy_observe(step, block, branch, *, x, output, attention):
+    def spy_observe(step, block, branch, *, x, output, attention, rows):
         if attention is not None:
             maps[(step, block)] = attention.mean(dim=1)
-        observe(step, block, branch, x=x, output=output, attention=attention)
+        observe(step, block, branch, x=x, output=output, attention=attention, rows=rows)
 
     def spy_decide(step, block, branch):
         action = decide(step, block, branch)
@@ -234,28 +232,34 @@ def test_l2c_reuses_exactly_what_the_router_says(tiny_dit, tmp_path):
 
 def test_l2c_router_is_tied_to_model_and_sampler(tiny_dit, tmp_path):
     path = router_file(tmp_path, tiny_dit, "ddim20", random_logits(tiny_dit, 20))
-    with pytest.raises(ValueError, match="trained for sampler ddim20"):
+    with pytest.raises(ValueError, match="made for sampler ddim20"):
         run(tiny_dit, get_method("l2c", router=path), "ddim10", [0])
     other = randomize(create_model("DiT", **TINY), seed=1).eval()
     with pytest.raises(ValueError, match="other weights"):
         run(other, get_method("l2c", router=path), "ddim20", [0])
     deeper = randomize(create_model("DiT", **dict(TINY, depth=5))).eval()
-    with pytest.raises(ValueError, match="trained for model"):
-        load_router(path, deeper)
+    with pytest.raises(ValueError, match="made for model"):
+        load_calibration(get_method("l2c"), path, deeper)
     with pytest.raises(ValueError, match="does not exist"):
         run(tiny_dit, get_method("l2c", router=str(tmp_path / "missing.pt")), "ddim20", [0])
+    with pytest.raises(ValueError, match="set router=PATH"):
+        run(tiny_dit, get_method("l2c"), "ddim20", [0])
+    predictor = calibration_file(tmp_path / "p.pt", "tokencache", tiny_dit, "ddim20", logits=torch.zeros(20, 4, 16))
+    with pytest.raises(ValueError, match="is not a tokencache L2C router"):
+        run(tiny_dit, get_method("l2c", router=predictor), "ddim20", [0])
 
 
 def test_train_router_learns_only_routed_steps(tiny_dit, tmp_path):
     out = tmp_path / "trained.pt"
     flags = [p.requires_grad for p in tiny_dit.parameters()]
     weights = {k: v.clone() for k, v in tiny_dit.state_dict().items()}
-    summary = train_router(tiny_dit, "ddim6", cfg_scale=2.0, steps=4, batch_size=2, num_samples=3, lr=0.1, l1=1e-3,
-                           seed=11, out=out)
-    assert summary["router"] == str(out) and summary["routed_modules"] == 3 * 4 * 2
+    l2c = get_method("l2c")
+    summary = calibrate(l2c, tiny_dit, "ddim6", l2c.calibration(steps=4, batch_size=2, num_samples=3, lr=0.1, l1=1e-3,
+                                                                seed=11), SamplingSettings(cfg_scale=2.0), out=out)
+    assert summary["file"] == str(out) and summary["routed_modules"] == 3 * 4 * 2
     assert [p.requires_grad for p in tiny_dit.parameters()] == flags and tiny_dit.cache_context is None
     assert all(torch.equal(v, tiny_dit.state_dict()[k]) for k, v in weights.items())  # the backbone is frozen
-    logits = load_router(out, tiny_dit, "ddim6")["logits"]
+    logits = load_calibration(l2c, out, tiny_dit, "ddim6")["logits"]
     initial = torch.randn(6, 4, 2, generator=torch.Generator().manual_seed(11))
     assert (logits.abs() <= 5).all()
     torch.testing.assert_close(logits[1::2], initial[1::2])  # odd indices are full steps: never trained
@@ -271,34 +275,8 @@ def test_steps_changes_the_sampler(tiny_dit):
     want, _ = run(tiny_dit, "full", "ddim10", range(2))
     assert torch.equal(got, want)
     method = get_method("steps", num_steps=25)
-    assert method.sampler_override("ddim50-int") == "ddim25-int"
-    assert method.sampler_override("ddpm250") == "ddpm25"
+    assert method.transform_sampler(parse_sampler("ddim50-int")).name == "ddim25-int"
+    assert method.transform_sampler(parse_sampler("ddpm250")).name == "ddpm25"
     with pytest.raises(ValueError, match="exceeds"):
-        method.sampler_override("ddim20")
-
-
-# ---------------------------------------------------------------------- batch independence
-
-
-def defaults(name, model, tmp_path):
-    if name == "l2c":
-        return dict(router=router_file(tmp_path, model, "ddim20", random_logits(model, 20), f"{id(model)}.pt"))
-    if name == "steps":
-        return dict(num_steps=10)
-    if name == "deepcache" and type(model).__name__ == "MDTv2":
-        return dict(shallow_blocks=0)
-    return {}
-
-
-@pytest.mark.parametrize("name", ["full", "steps", "fora", "toca", "deepcache", "l2c"])
-def test_a_sample_does_not_depend_on_its_batch(name, tiny_dit, tiny_mdt, tmp_path):
-    for model in (tiny_dit, tiny_mdt):
-        params = defaults(name, model, tmp_path)
-        together, engine = run(model, get_method(name, **params), "ddim20", range(7))
-        alone = torch.cat([run(model, get_method(name, **params), "ddim20", [i])[0] for i in range(7)])
-        shifted, _ = run(model, get_method(name, **params), "ddim20", range(4, 7))
-        assert torch.isfinite(together).all()
-        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(together[4:], shifted, rtol=1e-4, atol=1e-4)
-        if name not in ("full", "steps"):
-            assert engine.summary()["skipped_fraction"] > 0
+        method.transform_sampler(parse_sampler("ddim20"))
+    assert engine.summary()["resolved"]["num_steps"] == 10 and engine.summary()["role"] == "fewer-steps"

@@ -1,6 +1,6 @@
 """The caching engine: attach/detach, exact reuse, subset scatter, spans, resets, counts, errors."""
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -12,10 +12,13 @@ from tokencache.cache import (
     CacheEngine,
     CacheMethod,
     ComputeSpan,
+    Forecast,
+    Reuse,
     ReuseSpan,
     Subset,
     attach,
     get_method,
+    load_plugins,
 )
 from tokencache.models import create_model
 from tokencache.sampling import draw_labels, generate, sample_generators
@@ -40,22 +43,26 @@ def inputs(batch=3, seed=0):
 
 
 @dataclass
+class ShuffledState:
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    rows: int = 0
+
+
+@dataclass
 class ShuffledSubset(CacheMethod):
     """Test method: step 0 computes; later steps recompute ALL tokens as a per-row random subset."""
 
     name = "test-shuffled-subset"
-
-    def reset(self):
-        self.generator = torch.Generator().manual_seed(0)
+    State = ShuffledState
 
     def branch_action(self, step, block, branch):
         if step == 0:
             return COMPUTE
-        order = [torch.randperm(self.info.num_tokens, generator=self.generator) for _ in range(self.rows)]
+        order = [torch.randperm(self.info.num_tokens, generator=self.state.generator) for _ in range(self.state.rows)]
         return Subset(torch.stack(order))
 
-    def observe(self, step, block, branch, *, x, output, attention):
-        self.rows = x.shape[0]
+    def observe(self, step, block, branch, *, x, output, attention, rows):
+        self.state.rows = x.shape[0]
 
 
 @dataclass
@@ -74,8 +81,8 @@ class SpanThenReuse(CacheMethod):
 
     name = "test-span"
 
-    def block_action(self, step, block):
-        if 1 <= block <= 2:
+    def block_action(self, step, block, inputs):
+        if block == 1:
             return ComputeSpan(1, 2) if step % 2 == 0 else ReuseSpan(1, 2)
         return None
 
@@ -218,3 +225,199 @@ def test_span_counts_and_summary(tiny_dit):
     # each step stores (even) or adds (odd) one residual of n tokens per row
     assert summary["overhead"]["span_residual_tokens"]["per_step"] == [n] * 12
     assert summary["method"] == "test-span" and summary["sampler"] == "ddim12"
+
+
+# ---------------------------------------------------------------------- forecasts, per-row decisions, inputs, state
+
+
+@dataclass
+class DoubleForecast(CacheMethod):
+    """Test method: step 0 computes; later steps forecast twice the stored output on even steps, reuse on odd."""
+
+    name = "test-forecast"
+
+    def branch_action(self, step, block, branch):
+        if step == 0:
+            return COMPUTE
+        if step % 2 == 0:
+            return Forecast(2 * self.stored[block, branch])
+        return REUSE
+
+    def observe(self, step, block, branch, *, x, output, attention, rows):
+        self.stored[block, branch] = output.clone()
+
+    def setup(self, info):
+        super().setup(info)
+        self.stored = {}
+
+
+def test_a_forecast_is_stored_used_and_counted_as_no_tokens(tiny_dit):
+    x, t, y = inputs()
+    method = DoubleForecast()
+    engine = CacheEngine(tiny_dit, method, "ddim6").attach()
+    seen = {}
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o.detach().clone()))
+               for i, b in enumerate(tiny_dit.blocks)]
+    try:
+        engine.clone_stored = True
+        engine.begin_step(0)
+        tiny_dit(x, t, y)
+        engine.begin_step(2)  # forecast 2 × stored
+        forecast_out = tiny_dit(x, t, y)
+        stored = {k: v.clone() for k, v in engine._outputs.items()}
+        engine.begin_step(3)  # reuse: returns the stored forecast
+        reused_out = tiny_dit(x, t, y)
+    finally:
+        engine.detach()
+        for h in handles:
+            h.remove()
+    for (block, branch), value in stored.items():
+        torch.testing.assert_close(value, 2 * method.stored[block, "attn" if branch == 0 else "mlp"])
+    assert (engine.counts[2] == 0).all() and (engine.counts[3] == 0).all() and (engine.counts[0] == 16).all()
+    torch.testing.assert_close(forecast_out, reused_out)  # same gates (same t): the reuse returned the forecast
+
+
+def test_a_forecast_of_the_wrong_shape_is_refused(tiny_dit):
+    @dataclass
+    class Bad(CacheMethod):
+        name = "test-bad-forecast"
+
+        def branch_action(self, step, block, branch):
+            return Forecast(torch.zeros(1, 2, 3))
+
+    with attach(tiny_dit, Bad(), "ddim4") as engine:
+        with pytest.raises(RuntimeError, match="forecast of the attn output of block 0 has shape"):
+            sample(tiny_dit, [0], engine=engine)
+
+
+@pytest.mark.parametrize("host_sync", [True, False])
+def test_per_row_spans_are_exact_per_sample(tiny_dit, tiny_mdt, host_sync, monkeypatch):
+    """Rows decide apart: at any batch size each sample's result is its own; with host_sync only the
+    rows that compute run the span (counted per row), without it every row runs and counts."""
+    from conftest import readme_examples
+
+    load_plugins(readme_examples()[0])
+    cls = type(get_method("residual-skip"))
+    monkeypatch.setattr(cls, "host_sync", host_sync)
+    for model in (tiny_dit, tiny_mdt):
+        outs, engines = [], []
+        for batch in (1, 4, 6):
+            images = []
+            with attach(model, get_method("residual-skip", threshold=1.0), "ddim40") as engine:
+                for lo in range(0, 6, batch):
+                    images.append(sample(model, range(lo, min(lo + batch, 6)), engine=engine))
+            outs.append(torch.cat(images))
+            engines.append(engine)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        summary = engines[2].summary()
+        ran = engines[2].record.block_sums[:, 1:]
+        if host_sync:
+            assert summary["host_syncs"] > 0
+            assert 0 < summary["blocks_run_fraction"] < 1
+            assert ((ran > 0) & (ran < 12)).any()  # some steps with rows that ran and rows that skipped
+        else:
+            assert summary["host_syncs"] == 0 and summary["blocks_run_fraction"] == 1.0
+
+
+@dataclass
+class EvenRowsReuse(CacheMethod):
+    """Test method: on odd steps even rows reuse their MLP output, odd rows compute it."""
+
+    name = "test-even-rows"
+
+    def branch_action(self, step, block, branch):
+        if step % 2 == 0 or branch == "attn":
+            return COMPUTE
+        rows = self.info.model.cache_context._batch
+        return Reuse(rows=torch.arange(rows) % 2 == 0)
+
+
+@pytest.mark.parametrize("host_sync", [True, False])
+def test_per_row_branch_reuse(tiny_dit, host_sync, monkeypatch):
+    monkeypatch.setattr(EvenRowsReuse, "host_sync", host_sync)
+    x, t, y = inputs(batch=4)
+
+    def two_steps(method):
+        engine = CacheEngine(tiny_dit, method, "ddim4").attach()
+        try:
+            engine.begin_step(0)
+            tiny_dit(x, t, y)
+            engine.begin_step(1)
+            return tiny_dit(x * 0.5, t, y), engine
+        finally:
+            engine.detach()
+
+    got, engine = two_steps(EvenRowsReuse())
+    reuse_all, _ = two_steps(get_method("fora", interval=5))  # ddim4: step 1 (i = 2) reuses every branch
+    attn_fresh = tiny_dit(x * 0.5, t, y)
+    torch.testing.assert_close(got[1::2], attn_fresh[1::2])  # odd rows computed everything
+    assert not torch.allclose(got[0::2], attn_fresh[0::2])  # even rows reused their MLP
+    want_mlp = 16 * 2 / 4 if host_sync else 16
+    assert (engine.counts[1, :, 1] == want_mlp).all() and (engine.counts[1, :, 0] == 16).all()
+    assert reuse_all.shape == got.shape
+
+
+def test_block_inputs_give_the_timestep_modulated_attention_input(tiny_dit, tiny_mdt):
+    @dataclass
+    class Probe(CacheMethod):
+        name = "test-probe"
+
+        def setup(self, info):
+            super().setup(info)
+            self.seen = {}
+
+        def block_action(self, step, block, inputs):
+            self.seen[block] = inputs.attention_input()
+            return None
+
+    for model in (tiny_dit, tiny_mdt):
+        captured = {}
+        blocks = list(model._all_blocks()) if hasattr(model, "_all_blocks") else list(model.blocks)
+        handles = [b.attn.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].clone()))
+                   for i, b in enumerate(blocks)]
+        method = Probe()
+        try:
+            with attach(model, method, "ddim4") as engine:
+                engine.begin_step(0)
+                model(*inputs())
+        finally:
+            for h in handles:
+                h.remove()
+        for i in range(len(blocks)):
+            torch.testing.assert_close(method.seen[i], captured[i])
+
+
+def test_state_is_created_fresh_for_every_generation(tiny_dit):
+    @dataclass
+    class Counter:
+        calls: int = 0
+
+    states = []
+
+    @dataclass
+    class Counting(CacheMethod):
+        name = "test-counting"
+        State = Counter
+
+        def begin_step(self, step):
+            self.state.calls += 1
+            if step == 0:
+                states.append(self.state)
+
+    with attach(tiny_dit, Counting(), "ddim5") as engine:
+        sample(tiny_dit, [0], sampler="ddim5", engine=engine)
+        sample(tiny_dit, [1, 2], sampler="ddim5", engine=engine)
+    assert len(states) == 2 and states[0] is not states[1] and [s.calls for s in states] == [5, 5]
+
+
+def test_a_span_must_start_where_it_is_returned(tiny_dit):
+    @dataclass
+    class Late(CacheMethod):
+        name = "test-late-span"
+
+        def block_action(self, step, block, inputs):
+            return ComputeSpan(0, 2) if block == 1 else None
+
+    with attach(tiny_dit, Late(), "ddim4") as engine:
+        with pytest.raises(TypeError, match="expected None or a Span starting at block 1"):
+            sample(tiny_dit, [0], sampler="ddim4", engine=engine)

@@ -72,12 +72,31 @@ def test_flops_command_reports_the_paper_number(capsys):
     assert abs(macs / 118.6e9 - 1) < 0.005  # the DiT paper's 118.6 "Gflops" are MACs
 
 
-def test_method_spec_parsing():
-    from tokencache.cli import parse_method_spec
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "tokencache", "methods", "--json"], capture_output=True, text=True,
+                          check=True)
+    assert {"full", "fora", "toca"} <= {m["name"] for m in json.loads(proc.stdout)}
 
-    assert parse_method_spec("fora") == ("fora", "fora", {})
-    assert parse_method_spec("fora2=fora:interval=2") == ("fora2", "fora", {"interval": 2})
-    assert parse_method_spec("toca:fresh_ratio=0.1,interval=4") == ("toca", "toca", {"fresh_ratio": 0.1, "interval": 4})
+
+def test_calibrate_command_writes_a_method_file(tmp_path, capsys):
+    from tokencache.cache import get_method, load_calibration
+    from tokencache.run import build_model
+
+    ckpt = tmp_path / "tiny.pt"
+    train_backbone(TrainConfig(model="DiT", overrides=TINY, steps=2, batch_size=4), ckpt, progress=False)
+    out = tmp_path / "router.pt"
+    assert main(["calibrate", "--method", "l2c", "--checkpoint", str(ckpt), "--sampler", "ddim6", "--cfg-scale", "2",
+                 "--settings", "steps=3", "lr=0.1", "num_samples=2", "batch_size=2", "--out", str(out), "--quiet",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["file"] == str(out) and summary["steps"] == 3 and summary["lr"] == 0.1
+    assert load_calibration(get_method("l2c"), out, build_model(str(ckpt)), "ddim6")["logits"].shape == (6, 4, 2)
+    assert len(out.with_suffix(".log.jsonl").read_text().splitlines()) == 3
+    for argv, fragment in ((["--method", "fora"], "fora has nothing to calibrate"),
+                           (["--method", "l2c", "--settings", "steps=many"], "steps must be int, got 'many'"),
+                           (["--method", "l2c", "--settings", "stepz=2"], "unknown parameter 'stepz'")):
+        assert main(["calibrate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.pt"), *argv]) == 2
+        assert fragment in capsys.readouterr().err
 
 
 def test_sample_with_a_method_records_counts(tmp_path):
@@ -85,7 +104,7 @@ def test_sample_with_a_method_records_counts(tmp_path):
     train_backbone(TrainConfig(model="DiT", overrides=TINY, steps=2, batch_size=4), ckpt, progress=False)
     out = tmp_path / "f.npz"
     assert main(["sample", "--checkpoint", str(ckpt), "--sampler", "ddim9", "--num-samples", "3", "--quiet",
-                 "--method", "fora", "--set", "interval=3", "--out", str(out), "--device", "cpu"]) == 0
+                 "--method", "fora:interval=3", "--out", str(out), "--device", "cpu"]) == 0
     cache = json.loads(out.with_suffix(".json").read_text())["cache"]
     counts = np.asarray(cache["counts_per_sample"])
     assert cache["method"] == "fora" and cache["full_steps"] == 4  # i = 8 (first), 6, 3, 0

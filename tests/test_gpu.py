@@ -173,7 +173,7 @@ def test_schedule_tensors_are_copied_to_a_device_once(tiny_dit):
 
 def test_random_calibration_for_timing(tiny_dit, tmp_path):
     methods, notes = random_calibration([("full", "full", {}), ("l2c", "l2c", {}), ("tc", "tokencache", {})],
-                                        tiny_dit, "ddim4", tmp_path, reuse_fraction=0.5)
+                                        tiny_dit, "ddim4", tmp_path)
     assert methods[0] == ("full", "full", {}) and set(notes) == {"l2c", "tc"}
     rows = measure_latency(tiny_dit, methods, sampler="ddim4", repeats=1, warmup=0, notes=notes)
     by = {r["label"]: r for r in rows}
@@ -183,7 +183,7 @@ def test_random_calibration_for_timing(tiny_dit, tmp_path):
                  step_listener=engine.step_listener)
         assert engine.summary()["token_fraction"] == 0.75
     assert by["l2c"]["macs_speedup"] > 1.2 and by["tc"]["macs_speedup"] > 1.0
-    assert "random router" in by["l2c"]["note"] and by["full"]["note"] is None
+    assert "random L2C router" in by["l2c"]["note"] and by["full"]["note"] is None
 
 
 def test_report_files_from_a_cpu_run(tiny_dit, tmp_path):
@@ -218,7 +218,7 @@ def test_cli_latency_with_random_calibration_and_report(tmp_path, capsys):
     assert rows[0]["model"] == "DiT-digits" and rows[0]["provenance"]["tf32_requested"] is True
     assert main(["latency-report", str(run), "--out-dir", str(tmp_path / "gpu"), "--quiet"]) == 0
     assert {p.name for p in (tmp_path / "gpu").iterdir()} == {"latency.csv", "latency.md", "realization_ratio.png"}
-    assert "random router" in (tmp_path / "gpu" / "latency.md").read_text()
+    assert "random L2C router" in (tmp_path / "gpu" / "latency.md").read_text()
     capsys.readouterr()
     assert main(["latency", "--model", "DiT-digits", "--cast-weights", "--device", "cpu"]) == 2
     assert "--cast-weights needs" in capsys.readouterr().err

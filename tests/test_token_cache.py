@@ -3,11 +3,11 @@ the method's equalities with `full` and its token counts."""
 import pytest
 import torch
 
-from conftest import TINY, randomize
-from tokencache.cache import attach, get_method, load_predictor, save_predictor, train_predictor
+from conftest import TINY, calibration_file, randomize
+from tokencache.baselines.tokencache import _TokenRelaxation, adaptive_blocks, importance, tprr_schedule
+from tokencache.cache import SamplingSettings, attach, calibrate, get_method, load_calibration
+from tokencache.cache.calibration import read_calibration_file
 from tokencache.cache.engine import CacheEngine
-from tokencache.cache.predictor import _TokenRelaxation, importance
-from tokencache.cache.token_cache import adaptive_blocks, tprr_schedule
 from tokencache.models import create_model
 from tokencache.sampling import draw_labels, generate, sample_generators
 
@@ -25,9 +25,8 @@ def run(model, method, sampler, indices, seed=3, cfg_scale=2.0):
 
 def predictor_file(tmp_path, model, sampler, steps, seed=0):
     logits = torch.randn(steps, model.block_count, model.num_tokens, generator=torch.Generator().manual_seed(seed))
-    path = tmp_path / f"predictor-{sampler}.pt"
-    save_predictor(path, logits, model, sampler)
-    return str(path), torch.sigmoid(logits)
+    path = calibration_file(tmp_path / f"predictor-{sampler}.pt", "tokencache", model, sampler, logits=logits)
+    return path, torch.sigmoid(logits)
 
 
 # ---------------------------------------------------------------------- schedule and block choice
@@ -95,7 +94,7 @@ def test_predictor_tokens_are_the_top_k(tiny_dit, tmp_path):
     method = get_method("tokencache", predictor=path, cache_ratio=0.75, block_ratio=1.0, k1=3, k2=3)
     stored = {}
     with attach(tiny_dit, method, "ddim4") as engine:
-        engine._observe = lambda step, block, branch, *, x, output, attention: stored.__setitem__(
+        engine._observe = lambda step, block, branch, *, x, output, attention, rows: stored.__setitem__(
             (step, block, branch), output.clone())
         gens = sample_generators(0, [0])
         generate(tiny_dit, engine.sampler, draw_labels(gens, 10), gens, step_listener=engine.step_listener)
@@ -130,17 +129,16 @@ def test_uniform_and_random_and_attention_variants(tiny_dit, tmp_path):
 
 def test_predictor_file_is_tied_to_model_and_sampler(tiny_dit, tmp_path):
     path, _ = predictor_file(tmp_path, tiny_dit, "ddim8", 8)
-    assert importance(path).shape == (8, BLOCKS, N_TOKENS)
-    with pytest.raises(ValueError, match="trained for sampler ddim8"):
+    method = get_method("tokencache")
+    assert importance(load_calibration(method, path)).shape == (8, BLOCKS, N_TOKENS)
+    with pytest.raises(ValueError, match="made for sampler ddim8"):
         run(tiny_dit, get_method("tokencache", predictor=path), "ddim10", [0])
     other = randomize(create_model("DiT", **TINY), seed=1).eval()
     with pytest.raises(ValueError, match="other weights"):
         run(other, get_method("tokencache", predictor=path), "ddim8", [0])
     deeper = randomize(create_model("DiT", **dict(TINY, depth=5))).eval()
-    with pytest.raises(ValueError, match="trained for model"):
-        load_predictor(path, deeper)
-    with pytest.raises(ValueError, match="do not match"):
-        save_predictor(tmp_path / "bad.pt", torch.zeros(8, BLOCKS, 4), tiny_dit, "ddim8")
+    with pytest.raises(ValueError, match="made for model"):
+        load_calibration(method, path, deeper)
 
 
 def test_relaxation_endpoints(tiny_dit):
@@ -178,16 +176,16 @@ def test_relaxation_endpoints(tiny_dit):
 def test_training_lowers_the_loss_and_writes_a_matching_file(tiny_dit, tmp_path):
     out = tmp_path / "predictor.pt"
     weights = {k: v.clone() for k, v in tiny_dit.state_dict().items()}
-    summary = train_predictor(tiny_dit, "ddim4", cfg_scale=2.0, steps=40, batch_size=2, num_samples=4, lr=0.2,
-                              sparsity=0.1, seed=7, out=out)
+    method = get_method("tokencache")
+    settings = method.calibration(steps=40, batch_size=2, num_samples=4, lr=0.2, sparsity=0.1, seed=7)
+    summary = calibrate(method, tiny_dit, "ddim4", settings, SamplingSettings(cfg_scale=2.0), out=out)
     assert summary["final_loss"] < 0.8 * summary["first_loss"]
     assert all(torch.equal(v, tiny_dit.state_dict()[k]) for k, v in weights.items())  # the backbone is frozen
     assert tiny_dit.cache_context is None
-    obj = load_predictor(out, tiny_dit, "ddim4")
-    assert obj["logits"].shape == (4, BLOCKS, N_TOKENS) and obj["training"]["sparsity"] == 0.1
-    assert torch.equal(obj["logits"][0], torch.zeros(BLOCKS, N_TOKENS))  # step 0 has no previous step: untouched
-    again = train_predictor(tiny_dit, "ddim4", cfg_scale=2.0, steps=40, batch_size=2, num_samples=4, lr=0.2,
-                            sparsity=0.1, seed=7)
+    logits = load_calibration(method, out, tiny_dit, "ddim4")["logits"]
+    assert logits.shape == (4, BLOCKS, N_TOKENS) and read_calibration_file(out)["settings"]["sparsity"] == 0.1
+    assert torch.equal(logits[0], torch.zeros(BLOCKS, N_TOKENS))  # step 0 has no previous step: untouched
+    again = calibrate(method, tiny_dit, "ddim4", settings, SamplingSettings(cfg_scale=2.0))
     assert again["final_loss"] == summary["final_loss"]  # deterministic given the seed
     _, engine = run(tiny_dit, get_method("tokencache", predictor=str(out), k1=1, k2=1), "ddim4", [0])
     assert engine.summary()["steps_run"] == 4

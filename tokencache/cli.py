@@ -81,7 +81,7 @@ def cmd_train_backbone(args) -> None:
 
     recipe = {**TESTBED_RECIPES.get(args.model, TESTBED_RECIPES["DiT-digits"]),
               **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}}
-    cfg = TrainConfig(model=args.model, overrides=parse_overrides(args.set), seed=args.seed, threads=args.threads,
+    cfg = TrainConfig(model=args.model, overrides=parse_overrides(args.model_set), seed=args.seed, threads=args.threads,
                       loss_weighting=args.loss_weighting, grad_clip=args.grad_clip, **recipe)
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.grad_clip < 0:
         raise ValueError("--steps and --batch-size must be ≥ 1, --lr > 0 and --grad-clip ≥ 0")
@@ -97,14 +97,15 @@ def cmd_train_backbone(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from tokencache.cache import parse_method_spec, reference_method
     from tokencache.run import SampleRequest, run_sampling
 
+    method, method_params = parse_method_spec(args.method or reference_method())
     request = SampleRequest(
         model=args.model, checkpoint=args.checkpoint, overrides=parse_overrides(args.model_set),
         sampler=args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, num_samples=args.num_samples,
         batch_size=args.batch_size, seed=args.seed, start_index=args.start_index, out=args.out, vae=args.vae,
-        device=args.device, clip_denoised=args.clip_denoised, method=args.method,
-        method_params=parse_overrides(args.set),
+        device=args.device, clip_denoised=args.clip_denoised, method=method, method_params=method_params,
     )
     summary = run_sampling(request, progress=not args.quiet)
     _emit(summary, args.json, f"wrote {summary['num_samples']} samples to {args.out} in {summary['seconds']} s")
@@ -118,39 +119,45 @@ def cmd_methods(args) -> None:
         print(json.dumps(methods, indent=2))
         return
     for m in methods:
-        print(f"{m['name']}: {m['doc']}")
+        flags = [m["role"]] + (["host sync"] if m["host_sync"] else [])
+        print(f"{m['name']} ({', '.join(flags)}): {m['doc']}")
         for p in m["params"]:
             bounds = f" [{p['range']}]" if p.get("range") else ""
             print(f"    {p['name']} ({p['type']}, default {p['default']}){bounds}: {p['doc']}")
+        if m["calibration"]:
+            cal = m["calibration"]
+            print(f"    calibration: {cal['title']} → {cal['file_parameter']}= (tokencache calibrate --method "
+                  f"{m['name']} --settings …)")
+            for p in cal["settings"]:
+                print(f"        {p['name']} ({p['type']}, default {p['default']}): {p['doc']}")
 
 
-def _train_calibration(args, train, kind: str, **settings) -> None:
-    """Train a router or predictor (``train``) against the frozen model of ``--checkpoint``.
-
-    The loss log goes to ``<out>.log.jsonl`` beside the artefact.
-    """
+def cmd_calibrate(args) -> None:
+    """Fit a method's calibration (router, predictor, coefficients) against the frozen model."""
+    from tokencache.cache import SamplingSettings, calibrate, get_method, parse_method_spec
+    from tokencache.cache.methods import parse_typed
     from tokencache.run import build_model
 
+    name, params = parse_method_spec(args.method)
+    method = get_method(name, **params)
+    calibration = type(method).calibration
+    if calibration is None:
+        raise ValueError(f"{name} has nothing to calibrate (methods with a calibration: see `tokencache methods`)")
+    settings = {}
+    for item in args.settings:
+        if "=" not in item:
+            raise ValueError(f"--settings: expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        settings[key.strip()] = parse_typed(calibration, f"{name} calibration", key.strip(), raw)
+    settings = calibration(**settings)
     model = build_model(args.checkpoint, args.model)
     log_path = Path(args.out).with_suffix(".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    sampling = SamplingSettings(cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, clip_denoised=args.clip_denoised)
     with open(log_path, "w") as log:
-        summary = train(model, args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, steps=args.steps,
-                        batch_size=args.batch_size, num_samples=args.num_samples, lr=args.lr, seed=args.seed,
-                        clip_denoised=args.clip_denoised, out=args.out, progress=not args.quiet, log=log, **settings)
-    _emit({kind: str(args.out), **summary}, args.json, f"wrote {args.out}")
-
-
-def cmd_train_router(args) -> None:
-    from tokencache.cache import train_router
-
-    _train_calibration(args, train_router, "router", l1=args.l1)
-
-
-def cmd_train_predictor(args) -> None:
-    from tokencache.cache import train_predictor
-
-    _train_calibration(args, train_predictor, "predictor", sparsity=args.sparsity)
+        summary = calibrate(method, model, args.sampler, settings, sampling, out=args.out, progress=not args.quiet,
+                            log=log)
+    _emit(summary, args.json, f"wrote {args.out} ({calibration.title} for {summary['variant']}, {summary['sampler']})")
 
 
 def cmd_flops(args) -> None:
@@ -164,20 +171,13 @@ def cmd_flops(args) -> None:
     if not args.model:
         raise ValueError("give --model PRESET (forward MACs) or --run samples.json (MACs of a sampling run)")
     result = forward_cost(args.model, batch_size=args.batch_size, count_with_fvcore=not args.analytic_only,
-                          **parse_overrides(args.set))
+                          **parse_overrides(args.model_set))
     if result.get("match") is False:
         raise RuntimeError(f"fvcore and the analytic formula disagree for {args.model}: "
                            f"{result['fvcore']['total']} vs {result['analytic_macs']}")
     _emit(result, args.json, f"{args.model}: {result['analytic_macs'] / 1e9:.4f} GMACs per forward "
                              f"(batch {args.batch_size}, no CFG)"
                              + ("" if args.analytic_only else ", fvcore agrees"))
-
-
-def parse_method_spec(spec: str) -> tuple[str, str, dict]:
-    """``LABEL=NAME:k=v,k=v`` or ``NAME`` → (label, name, params)."""
-    label, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else (spec.split(":")[0], "", spec)
-    name, _, params = rest.partition(":")
-    return label, name, parse_overrides([p for p in params.split(",") if p])
 
 
 def cmd_latency(args) -> None:
@@ -187,9 +187,12 @@ def cmd_latency(args) -> None:
     from tokencache.models.registry import create_model
     from tokencache.run import build_model, resolve_device
 
-    methods = [parse_method_spec(m) for m in args.method]
-    if not any(name == "full" for _, name, _ in methods):
-        methods.insert(0, ("full", "full", {}))
+    from tokencache.cache import method_class, parse_labelled_spec, reference_method
+
+    methods = [parse_labelled_spec(m) for m in args.method]
+    if not any(method_class(name).role == "reference" for _, name, _ in methods):
+        reference = reference_method()
+        methods.insert(0, (reference, reference, {}))
     overrides = parse_overrides(args.model_set)
     device = resolve_device(args.device)
     if args.checkpoint:
@@ -205,8 +208,7 @@ def cmd_latency(args) -> None:
         model = model.to(DTYPES[args.dtype])
     notes = {}
     if args.random_calibration:  # after the cast: the files carry the weights' checksum
-        methods, notes = random_calibration(methods, model, args.sampler, args.random_calibration,
-                                            reuse_fraction=args.random_router_reuse, seed=args.seed)
+        methods, notes = random_calibration(methods, model, args.sampler, args.random_calibration, seed=args.seed)
     vae = None
     if args.vae and model.in_channels == 4:
         from tokencache.models.vae import load_vae
@@ -297,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--plugins", action="append", default=[], metavar="DIR",
+                       help="also load the method plugins of this folder (repeatable; or $TOKENCACHE_PLUGINS)")
         p.set_defaults(fn=fn)
         return p
 
@@ -309,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train-backbone", cmd_train_backbone, "train a digits testbed backbone (DiT or MDTv2) on the CPU")
     p.add_argument("--model", default="DiT-digits", help="preset or family (default: DiT-digits)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model constructor overrides")
+    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE", help="model constructor overrides")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: the preset's testbed recipe, DiT-digits 1000, MDTv2-digits 600)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's, 32)")
@@ -336,43 +340,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)")
     p.add_argument("--vae", default="ema", help="latent models: ema, mse, or a local AutoencoderKL folder")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--method", default="full", help="caching method (see `tokencache methods`; default: full)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method parameters, e.g. interval=3")
+    p.add_argument("--method", default=None, metavar="NAME[:KEY=VALUE,…]",
+                   help="caching method and its parameters, e.g. fora:interval=3 (see `tokencache methods`; "
+                        "default: the uncached reference)")
     p.add_argument("--out", required=True, help="output .npz")
 
-    add("methods", cmd_methods, "list the caching methods (built in and from baselines/) with their parameters")
+    add("methods", cmd_methods, "list the caching methods (built in, plugin folders, entry points) with their parameters")
 
-    p = add("train-router", cmd_train_router, "train Learning-to-Cache's router against the frozen model")
+    p = add("calibrate", cmd_calibrate,
+            "fit a method's trained part (L2C router, TokenCache predictor, …) against the frozen model")
+    p.add_argument("--method", required=True, metavar="NAME[:KEY=VALUE,…]",
+                   help="the method (and variant) to calibrate, e.g. l2c or tokencache")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", default=None, help="preset; default: recorded in the checkpoint")
-    p.add_argument("--sampler", default="ddim50")
+    p.add_argument("--sampler", default="ddim50", help="the sampler the runs will use (the file is tied to it)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--scale-pow", type=float, default=None, help="MDT's guidance exponent")
-    p.add_argument("--steps", type=int, default=300, help="router updates")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-samples", type=int, default=64, help="calibration trajectories")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--l1", type=float, default=1e-6, help="λ of the sparsity term")
-    p.add_argument("--seed", type=int, default=1, help="calibration seed: keep it apart from evaluation seeds")
     p.add_argument("--clip-denoised", action="store_true")
-    p.add_argument("--out", required=True, help="router .pt")
-
-    p = add("train-predictor", cmd_train_predictor, "train TokenCache's Cache Predictor against the frozen model")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model", default=None, help="preset; default: recorded in the checkpoint")
-    p.add_argument("--sampler", default="ddim50")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--scale-pow", type=float, default=None, help="MDT's guidance exponent")
-    p.add_argument("--steps", type=int, default=500, help="predictor updates")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-samples", type=int, default=64, help="calibration trajectories")
-    p.add_argument("--lr", type=float, default=0.3,
-                   help="Adam learning rate on the logits (each (step, block) row gets ~1/T of the updates)")
-    p.add_argument("--sparsity", type=float, default=0.5,
-                   help="λ of the λ·mean(w) pressure (the loss is the output error relative to caching everything)")
-    p.add_argument("--seed", type=int, default=2, help="calibration seed: keep it apart from evaluation seeds")
-    p.add_argument("--clip-denoised", action="store_true")
-    p.add_argument("--out", required=True, help="predictor .pt")
+    p.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="training settings (steps, lr, seed, …; `tokencache methods` lists each method's)")
+    p.add_argument("--out", required=True, help="calibration file (.pt); the loss log goes beside it (.log.jsonl)")
 
     p = add("train-evaluator", cmd_train_evaluator, "train the digits CNN that plays Inception's role on the testbed")
     p.add_argument("--seed", type=int, default=0)
@@ -397,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("flops", cmd_flops, "MACs (the DiT paper's 'Gflops') of one forward, or per image of a sampling run")
     p.add_argument("--model", default=None, help="preset or family, e.g. DiT-XL/2")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="constructor overrides, e.g. input_size=64")
+    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="constructor overrides, e.g. input_size=64")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--analytic-only", action="store_true", help="skip the fvcore trace (fast for XL models)")
     p.add_argument("--run", default=None, help="a sampling run's JSON (beside its npz): MACs per generated image")
@@ -406,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint; or --model alone for random weights")
     p.add_argument("--model", default=None, help="preset (e.g. DiT-XL/2)")
     p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--method", action="append", default=[], metavar="LABEL=NAME:k=v,…",
-                   help="a method to time (repeatable), e.g. fora3=fora:interval=3; full is always included")
+    p.add_argument("--method", action="append", default=[], metavar="[LABEL=]NAME[:KEY=VALUE,…]",
+                   help="a method to time (repeatable), e.g. fora3=fora:interval=3; the uncached reference (full) "
+                        "is always included")
     p.add_argument("--sampler", default="ddim50")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="images per batch (CFG doubles rows)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -425,10 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the blocks' attention and MLP branches (compile time is kept out of the "
                         "timed rounds and reported; CUDA-graph modes need --warmup 2)")
     p.add_argument("--random-calibration", default=None, metavar="DIR",
-                   help="write random router/predictor files here for l2c/tokencache given without one "
-                        "(timing only; see results/gpu/README.md)")
-    p.add_argument("--random-router-reuse", type=float, default=0.5,
-                   help="fraction of routed branches the random L2C router reuses (default: 0.5)")
+                   help="write random calibration files here for methods given without one (timing only; each "
+                        "method documents its stand-in)")
     p.add_argument("--vae", default=None, help="also time end-to-end with this VAE (latent models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=None)
@@ -450,6 +437,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # glibc: no page fault per activation on every forward (tokencache/_allocator.py)
     try:
+        if args.plugins:
+            from tokencache.cache import load_plugins
+
+            for folder in args.plugins:
+                load_plugins(folder)
         args.fn(args)
     except KeyboardInterrupt:
         print("tokencache: interrupted", file=sys.stderr)

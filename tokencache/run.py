@@ -47,7 +47,7 @@ class SampleRequest:
     vae: str = "ema"
     device: str = "auto"
     clip_denoised: bool = False
-    method: str = "full"
+    method: Optional[str] = None  # None: the uncached reference
     method_params: dict = field(default_factory=dict)
 
 
@@ -91,8 +91,10 @@ def run_sampling(req: SampleRequest, progress: bool = True) -> dict:
     The method is attached through the caching engine; the JSON holds its per-step counts of
     computed tokens (summed over batches), from which MACs are derived.
     """
-    from tokencache.cache import attach, get_method
+    from tokencache.cache import attach, get_method, reference_method
 
+    if req.method is None:
+        req.method = reference_method()
     if req.num_samples < 1 or req.batch_size < 1 or req.start_index < 0:
         raise ValueError("--num-samples and --batch-size must be ≥ 1 and --start-index ≥ 0")
     method = get_method(req.method, **req.method_params)  # bad method/parameter: fail before loading anything

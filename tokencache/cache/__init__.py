@@ -1,12 +1,15 @@
-"""Token and feature caching: the engine, the method API and registry, plugin loading.
+"""Token and feature caching: the engine, the method API, the registry, calibration.
 
 * :func:`attach` / :class:`CacheEngine` — run a method on a model (see :mod:`.engine`);
-* :class:`CacheMethod`, :func:`param`, :func:`register_method` — write a method (see :mod:`.methods`);
-* :func:`get_method`, :func:`available_methods`, :func:`describe_methods` — find methods by name;
-* :func:`load_plugins` — import the method files of ``baselines/`` (or ``$TOKENCACHE_BASELINES``);
-* :func:`train_router`, :func:`load_router` — Learning-to-Cache's router (see :mod:`.router`);
-* :func:`train_predictor`, :func:`load_predictor` — TokenCache's Cache Predictor (see
-  :mod:`.predictor`); the ``tokencache`` method itself is built in (:mod:`.token_cache`).
+* :class:`CacheMethod`, :func:`param`, :func:`register_method` and the actions — write a method
+  (see :mod:`.methods` and :mod:`.actions`);
+* :func:`get_method`, :func:`available_methods`, :func:`describe_methods`,
+  :func:`parse_method_spec` — find methods by name (built in, plugin folders, entry points;
+  see :mod:`.registry`);
+* :class:`Calibration`, :func:`calibrate`, :func:`load_calibration` — the trained or fitted
+  part of a method (see :mod:`.calibration`).
+
+The methods themselves are modules of ``tokencache.baselines`` (the repository's ``baselines/``).
 """
 from tokencache.cache.actions import (
     COMPUTE,
@@ -15,30 +18,39 @@ from tokencache.cache.actions import (
     Blend,
     Compute,
     ComputeSpan,
+    Forecast,
     Reuse,
     ReuseSpan,
+    Span,
     Subset,
 )
-from tokencache.cache.engine import CacheEngine, attach, model_info
-from tokencache.cache.methods import (
-    CacheMethod,
-    ModelInfo,
+from tokencache.cache.calibration import (
+    Calibration,
+    CalibrationError,
+    SamplingSettings,
+    calibrate,
+    load_calibration,
+    write_random_calibration,
+)
+from tokencache.cache.engine import BlockInput, CacheEngine, attach, model_info
+from tokencache.cache.methods import CacheMethod, ModelInfo, param
+from tokencache.cache.registry import (
+    PluginError,
     available_methods,
     describe_methods,
     get_method,
+    load_plugins,
     method_class,
-    param,
+    parse_labelled_spec,
+    parse_method_spec,
+    reference_method,
     register_method,
 )
-from tokencache.cache.plugins import PluginError, load_plugins
-from tokencache.cache.predictor import PredictorError, load_predictor, save_predictor, train_predictor
-from tokencache.cache.router import RouterError, load_router, save_router, train_router
-from tokencache.cache import token_cache  # noqa: E402,F401  registers the built-in ``tokencache`` method
 
 __all__ = [
-    "COMPUTE", "COMPUTE_NO_STORE", "REUSE", "Blend", "Compute", "ComputeSpan", "Reuse", "ReuseSpan", "Subset",
-    "CacheEngine", "attach", "model_info", "CacheMethod", "ModelInfo", "available_methods", "describe_methods",
-    "get_method", "method_class", "param", "register_method", "PluginError", "load_plugins", "RouterError",
-    "load_router", "save_router", "train_router", "PredictorError", "load_predictor", "save_predictor",
-    "train_predictor",
+    "COMPUTE", "COMPUTE_NO_STORE", "REUSE", "Blend", "Compute", "ComputeSpan", "Forecast", "Reuse", "ReuseSpan",
+    "Span", "Subset", "Calibration", "CalibrationError", "SamplingSettings", "calibrate", "load_calibration",
+    "write_random_calibration", "BlockInput", "CacheEngine", "attach", "model_info", "CacheMethod", "ModelInfo",
+    "param", "PluginError", "available_methods", "describe_methods", "get_method", "load_plugins", "method_class",
+    "parse_labelled_spec", "parse_method_spec", "reference_method", "register_method",
 ]

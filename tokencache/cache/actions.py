@@ -1,24 +1,35 @@
-"""What a method may tell the engine to do, for one branch or one block.
+"""What a method may tell the engine to do, for one branch or for a span of blocks.
 
-Branch actions (answer to ``branch_action(step, block, branch)``):
+Branch actions (the answer to ``branch_action(step, block, branch)``):
 
 * :data:`COMPUTE` / :class:`Compute` — run the branch on all tokens and store its pre-gate output;
-* :data:`REUSE` — return the stored pre-gate output (re-gated by the block with this step's gate);
-* :class:`Subset` — recompute the tokens ``tokens`` (B, k) of each sample and scatter them into
-  the stored output;
-* :class:`Blend` — ``stored·(1 − w) + fresh·w`` with a differentiable ``w`` (Learning-to-Cache's
-  relaxation while its router is trained).
+* :data:`REUSE` / :class:`Reuse` — return the stored pre-gate output (re-gated by the block with
+  this step's gate); ``Reuse(rows=mask)`` reuses only in the batch rows where ``mask`` is True
+  and computes the others;
+* :class:`Subset` — recompute the tokens ``tokens`` (B, k) of each row and scatter them into the
+  stored output;
+* :class:`Blend` — ``stored·(1 − w) + fresh·w`` with a differentiable ``w`` (the relaxations
+  that train Learning-to-Cache's router and TokenCache's predictor);
+* :class:`Forecast` — use an output the method computed itself (TaylorSeer's Taylor series); the
+  engine stores it like a computed output and counts no token.
 
-Block actions (answer to ``block_action(step, block)``; ``None`` runs the block as usual):
+Span action (the answer to ``block_action(step, block, inputs)``; ``None`` runs the block):
 
-* :class:`ComputeSpan` — blocks ``start…end`` run; the span's residual x_out(end) − x_in(start)
-  is stored;
-* :class:`ReuseSpan` — block ``start`` returns x_in + stored residual, the other blocks of the
-  span return their input unchanged, and no branch of the span runs.
+* :class:`Span` — blocks ``start…end`` as one unit cached through its residual
+  x_out(end) − x_in(start). ``reuse=False``: every row runs the blocks and stores the residual;
+  ``reuse=True``: every row returns x_in + the stored residual and no block of the span runs;
+  ``reuse=mask`` (bool (B,) on the model's device): per row. :func:`ComputeSpan` and
+  :func:`ReuseSpan` are the two batch-wide forms.
+
+Per-row masks keep a sample's result independent of its batch neighbours. Without host
+synchronisation the engine cannot know which rows to skip, so it computes every row and selects
+per row (exact, no saving); a method that declares ``host_sync = True`` lets the engine read the
+mask and compute only the rows that need it (one synchronisation per decision).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
@@ -38,7 +49,9 @@ class Compute:
 
 @dataclass(frozen=True)
 class Reuse:
-    """Return the stored pre-gate output unchanged."""
+    """Return the stored pre-gate output; with ``rows`` (bool (B,)), only where ``rows`` is True."""
+
+    rows: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,7 @@ class Subset:
     """Recompute the tokens ``tokens`` (B, k) int64 of each batch row; reuse the others.
 
     ``tokens`` of shape (1, k) applies the same tokens to every row (methods whose choice
-    depends only on the step and block, such as TokenCache's predictor).
+    depends only on the step and block, such as TokenCache v1's predictor).
 
     Every row recomputes the same number k of tokens (a batched computation costs k per row
     whatever a row would have needed), so the engine counts k per row.
@@ -68,19 +81,39 @@ class Blend:
 
 
 @dataclass(frozen=True)
-class ComputeSpan:
-    """Run blocks ``start…end`` (inclusive) and store their residual x_out(end) − x_in(start)."""
+class Forecast:
+    """Use ``output`` (B, N, D), computed by the method from its own state, as the branch output.
 
-    start: int
-    end: int
+    The engine stores it (a copy under CUDA graphs, like any stored output), counts no token
+    for the branch (the model computed nothing) and returns it to the block, which gates it
+    with this step's gate. The method counts the arithmetic of its forecast as overhead.
+    """
+
+    output: torch.Tensor
 
 
 @dataclass(frozen=True)
-class ReuseSpan:
-    """Skip blocks ``start…end``: the first returns x_in + the stored residual, the rest x_in."""
+class Span:
+    """Blocks ``start…end`` (inclusive) cached through their residual x_out(end) − x_in(start).
+
+    ``reuse``: False — run the blocks, store the residual; True — skip them, return x_in + the
+    stored residual; a bool tensor (B,) — per batch row. Returned at block ``start``; the engine
+    applies it to the blocks up to ``end`` without asking again.
+    """
 
     start: int
     end: int
+    reuse: Union[bool, torch.Tensor] = False
+
+
+def ComputeSpan(start: int, end: int) -> Span:  # noqa: N802 (reads like the action it builds)
+    """Run blocks ``start…end`` and store their residual."""
+    return Span(start, end, False)
+
+
+def ReuseSpan(start: int, end: int) -> Span:  # noqa: N802
+    """Skip blocks ``start…end``: the first returns x_in + the stored residual, the rest x_in."""
+    return Span(start, end, True)
 
 
 COMPUTE = Compute()

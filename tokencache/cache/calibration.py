@@ -1,22 +1,83 @@
-"""What the trained calibration artefacts (L2C's router, TokenCache's predictor) share.
+"""Calibration: the trained or fitted part of a method (L2C's router, TokenCache's predictor, …).
 
-Both are tables of logits learned against one frozen model on one sampler, from that model's
-own sampling trajectories: :func:`record_trajectories` makes the trajectories, and
-:func:`save_tied` / :func:`load_tied` write and read a file that records the model (its
-configuration and a checksum of its weights) and the sampler, so that using it with another
-model or sampler is a clear error rather than silently wrong caching.
+A method with such a part declares it as ``calibration = SomeCalibration``, a dataclass subclass
+of :class:`Calibration` whose fields are the training settings (declared with
+:func:`~tokencache.cache.methods.param`) and whose class attributes name the method parameter
+that takes the file (``file_param``), the file format and a title. It implements :meth:`fit`
+(train against the frozen model and return tensors), :meth:`random` (a stand-in of the same
+shape, for timing where the values do not change the cost) and optionally :meth:`figure`.
+
+Everything else is shared: one command (``tokencache calibrate --method NAME …``) and one
+workflow rule serve every such method. :func:`calibrate` writes a file that records the model
+(its configuration and a checksum of its weights), the sampler, the method and its variant, the
+settings and the training summary; :func:`load_calibration` reads it back and refuses a file
+made for another model, sampler or method, so that a mismatch is a clear error rather than
+silently wrong caching. The states the fits learn from are the model's own sampling
+trajectories of calibration samples (:func:`record_trajectories`, seeds kept apart from the
+evaluation seeds); :func:`relaxation_batches` is the update loop that the relaxation-trained
+methods share.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import ClassVar, Iterator, Optional, Union
 
 import torch
 
+from tokencache.cache.methods import validate_params
+from tokencache.io import atomic_torch_save
 from tokencache.sampling import Sampler, draw_labels, generate, parse_sampler, sample_generators
+
+
+class CalibrationError(ValueError):
+    """A calibration file that is missing, malformed, or made for another model, sampler or method."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the calibrated runs sample (the trajectories must be the ones such a run produces)."""
+
+    cfg_scale: float = 1.5
+    scale_pow: Optional[float] = None
+    clip_denoised: bool = False
+
+
+@dataclass
+class Calibration:
+    """Base of a method's calibration: subclass as a dataclass whose fields are the training settings."""
+
+    file_param: ClassVar[str] = ""
+    format: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        validate_params(self)
+
+    @property
+    def name(self) -> str:  # prefix of validation messages
+        return self.title
+
+    def fit(self, method, model: torch.nn.Module, sampler: Sampler, sampling: SamplingSettings,
+            progress: bool = False, log=None) -> tuple[dict, dict]:
+        """Train against the frozen ``model``; return (tensors to store, a JSON summary of the training)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement fit()")
+
+    def random(self, method, model: torch.nn.Module, sampler: Sampler, generator: torch.Generator) -> dict:
+        """Tensors of the right shapes with random values, for timing only."""
+        raise NotImplementedError(f"{type(self).__name__} must implement random()")
+
+    def figure(self, tensors: dict, ax, title: str) -> bool:
+        """Draw what was learned on a matplotlib axis; False when there is nothing to show."""
+        return False
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ---------------------------------------------------------------------- files
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:
@@ -30,51 +91,107 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
     return {"config": config, "param_sum": checksum}
 
 
-def save_tied(path: Union[str, Path], fmt: str, logits: torch.Tensor, model: torch.nn.Module, sampler: Sampler,
-              training: Optional[dict]) -> None:
-    """Write ``{format, logits, sampler, model fingerprint, training}`` atomically (``.part`` + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {"format": fmt, "logits": logits.detach().float().cpu(), "sampler": sampler.name,
-           "model": model_fingerprint(model), "training": dict(training or {})}
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_calibration(path: Union[str, Path], method, model: torch.nn.Module, sampler: Sampler, tensors: dict,
+                     training: Optional[dict] = None, settings: Optional[dict] = None,
+                     sampling: Optional[SamplingSettings] = None) -> None:
+    """Write a calibration file atomically (format, tensors, sampler, model fingerprint, method, training)."""
+    calibration = type(method).calibration
+    obj = {"format": calibration.format, "tensors": {k: v.detach().cpu() for k, v in tensors.items()},
+           "sampler": sampler.name, "model": model_fingerprint(model), "method": method.name,
+           "variant": method.calibration_id(), "settings": dict(settings or {}),
+           "sampling": asdict(sampling) if sampling is not None else None, "training": dict(training or {})}
+    atomic_torch_save(obj, path)
 
 
-def load_tied(path: Union[str, Path], fmt: str, error: type, kind: str, title: str, command: str,
-              model: Optional[torch.nn.Module] = None, sampler: Union[Sampler, str, None] = None) -> dict:
-    """Read a file of format ``fmt``; with ``model``/``sampler``, check it was trained for them.
+def load_calibration(method, path: Union[str, Path, None], model: Optional[torch.nn.Module] = None,
+                     sampler: Union[Sampler, str, None] = None) -> dict:
+    """The tensors of ``method``'s calibration file; with ``model``/``sampler``, checked against them.
 
-    Every problem is an ``error`` (a ValueError subclass) in one line that names the file as a
-    ``kind`` ("router"), its ``title`` ("L2C router") and the ``command`` that makes one.
+    Every problem is a :class:`CalibrationError` in one line naming the file, what it is and
+    the command that makes one.
     """
+    calibration = type(method).calibration
+    command = f"tokencache calibrate --method {method.name}"
+    if not path:
+        raise CalibrationError(f"{method.name}: set {calibration.file_param}=PATH (make one with `{command}`)")
     path = Path(path)
     if not path.is_file():
-        raise error(f"{kind} file {path} does not exist (train one with `{command}`)")
+        raise CalibrationError(f"{calibration.file_param} file {path} does not exist (make one with `{command}`)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise error(f"{kind} file {path} cannot be read: {type(exc).__name__}") from exc
-    if not isinstance(obj, dict) or obj.get("format") != fmt:
-        raise error(f"{path} is not a tokencache {title} (format {fmt})")
+        raise CalibrationError(f"{calibration.file_param} file {path} cannot be read: {type(exc).__name__}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != calibration.format:
+        raise CalibrationError(f"{path} is not a tokencache {calibration.title} (format {calibration.format})")
+    if obj.get("variant") != method.calibration_id():
+        raise CalibrationError(f"{path} was made for {obj.get('variant')}, this run needs {method.calibration_id()} "
+                               f"(make one with `{command}`)")
     if sampler is not None:
         name = sampler if isinstance(sampler, str) else sampler.name
         if parse_sampler(name).name != obj["sampler"]:
-            raise error(f"{kind} {path} was trained for sampler {obj['sampler']}, this run uses {name}")
+            raise CalibrationError(f"{calibration.file_param} {path} was made for sampler {obj['sampler']}, "
+                                   f"this run uses {name}")
     if model is not None:
         want, have = obj["model"], model_fingerprint(model)
         if want["config"] != have["config"]:
-            raise error(f"{kind} {path} was trained for model {json.dumps(want['config'], sort_keys=True)}, "
-                        f"not {json.dumps(have['config'], sort_keys=True)}")
+            raise CalibrationError(f"{calibration.file_param} {path} was made for model "
+                                   f"{json.dumps(want['config'], sort_keys=True)}, not "
+                                   f"{json.dumps(have['config'], sort_keys=True)}")
         if not math.isclose(want["param_sum"], have["param_sum"], rel_tol=1e-6, abs_tol=1e-6):
-            raise error(f"{kind} {path} was trained for other weights of this architecture "
-                        f"(parameter checksum {want['param_sum']:.6g} vs {have['param_sum']:.6g})")
-    return obj
+            raise CalibrationError(f"{calibration.file_param} {path} was made for other weights of this architecture "
+                                   f"(parameter checksum {want['param_sum']:.6g} vs {have['param_sum']:.6g})")
+    return obj["tensors"]
 
 
-def record_trajectories(model, sampler: Sampler, cfg_scale: float, scale_pow, seed: int, num_samples: int,
-                         batch_size: int, clip_denoised: bool, progress: bool):
+def read_calibration_file(path: Union[str, Path]) -> dict:
+    """The whole stored record of a calibration file (for reports), without checks."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def calibrate(method, model: torch.nn.Module, sampler: Union[Sampler, str], settings: Optional[Calibration] = None,
+              sampling: SamplingSettings = SamplingSettings(), out: Union[str, Path, None] = None,
+              progress: bool = False, log=None) -> dict:
+    """Fit ``method``'s calibration for ``model`` (frozen) and ``sampler``; write it to ``out`` if given.
+
+    Returns the training summary with the file and sampler. The model's weights and
+    ``requires_grad`` flags are left as they were; it must have no cache context attached.
+    """
+    calibration = type(method).calibration
+    if calibration is None:
+        raise ValueError(f"{method.name} has nothing to calibrate")
+    settings = settings if settings is not None else calibration()
+    sampler = parse_sampler(sampler) if isinstance(sampler, str) else sampler
+    if getattr(model, "cache_context", None) is not None:
+        raise RuntimeError("calibrate: detach the model's cache context first")
+    frozen = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        tensors, training = settings.fit(method, model, sampler, sampling, progress=progress, log=log)
+    finally:
+        model.cache_context = None
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+    if out is not None:
+        save_calibration(out, method, model, sampler, tensors, training, settings.settings(), sampling)
+    return {"file": None if out is None else str(out), "method": method.name, "variant": method.calibration_id(),
+            "sampler": sampler.name, **settings.settings(), **training}
+
+
+def write_random_calibration(method, model: torch.nn.Module, sampler: Union[Sampler, str], path: Union[str, Path],
+                             seed: int = 0) -> str:
+    """A calibration file of random values for ``method`` (timing only; the file says so)."""
+    calibration = type(method).calibration
+    sampler = parse_sampler(sampler) if isinstance(sampler, str) else sampler
+    tensors = calibration().random(method, model, sampler, torch.Generator().manual_seed(seed))
+    save_calibration(path, method, model, sampler, tensors, {"random": True, "seed": seed, "purpose": "latency only"})
+    return str(path)
+
+
+# ---------------------------------------------------------------------- trajectories
+
+
+def record_trajectories(model, sampler: Sampler, sampling: SamplingSettings, seed: int, num_samples: int,
+                        batch_size: int, progress: bool):
     """The model's inputs at every step of full sampling of calibration samples ``(seed, 0…M−1)``.
 
     Returns (x, t, y): x[k] (M, c, C, H, W) and y (M, c) with c = rows per sample (2 with CFG
@@ -107,8 +224,8 @@ def record_trajectories(model, sampler: Sampler, cfg_scale: float, scale_pow, se
             indices = list(range(lo, min(lo + batch_size, num_samples)))
             gens = sample_generators(seed, indices)
             state["batch"] = len(indices)
-            generate(model, sampler, draw_labels(gens, model.num_classes), gens, cfg_scale=cfg_scale,
-                     scale_pow=scale_pow, step_listener=listener, clip_denoised=clip_denoised)
+            generate(model, sampler, draw_labels(gens, model.num_classes), gens, cfg_scale=sampling.cfg_scale,
+                     scale_pow=sampling.scale_pow, step_listener=listener, clip_denoised=sampling.clip_denoised)
             bar.update(len(indices))
     finally:
         if own_forward is None:
@@ -123,3 +240,68 @@ def batch_rows(per_sample: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(M, c, ...) → the batch (c·b, ...) of samples ``index``, copies stacked as the model saw them."""
     picked = per_sample[index].transpose(0, 1)
     return picked.reshape(-1, *picked.shape[2:])
+
+
+# ---------------------------------------------------------------------- the relaxation loop
+
+
+class RelaxationBatch:
+    """One update of a relaxation fit: samples ``index`` at sampling step ``step`` (its predecessor full).
+
+    ``target`` is the full model's output at ``step``; :meth:`relaxed` runs the model at ``step``
+    with the relaxation method deciding, on a cache the full step ``step − 1`` filled.
+    """
+
+    def __init__(self, engine, step: int, x_now, t_now, y, target):
+        self.engine, self.step = engine, step
+        self.x_now, self.t_now, self.y, self.target = x_now, t_now, y, target
+
+    def relaxed(self) -> torch.Tensor:
+        engine = self.engine
+        engine.attach()
+        try:
+            engine.begin_step(self.step)
+            return engine.model(self.x_now, self.t_now, self.y)
+        finally:
+            engine.detach()
+
+
+def relaxation_batches(model, sampler: Sampler, relaxation, trajectories, updates: int, batch_size: int,
+                       num_samples: int, generator: torch.Generator, pick_step, progress: bool,
+                       desc: str) -> Iterator[RelaxationBatch]:
+    """The update loop the relaxation-trained calibrations share (L2C's router, TokenCache's predictor).
+
+    For each of ``updates`` updates: ``pick_step()`` gives a sampling step k ≥ 1; ``batch_size``
+    calibration samples are drawn from ``num_samples``; the full model runs at k − 1 through an
+    engine carrying ``relaxation`` (every branch computed and stored) and, without the engine,
+    at k for the target; the caller computes the relaxed output, the loss and the update.
+    The progress bar shows ``batch.loss`` when the caller sets it.
+    """
+    from tqdm import tqdm
+
+    from tokencache.cache.engine import CacheEngine
+
+    xs, ts, ys = trajectories
+    device = next(model.parameters()).device
+    engine = CacheEngine(model, relaxation, sampler)
+    bar = tqdm(range(updates), desc=desc, disable=not progress)
+    for _ in bar:
+        step = pick_step()
+        index = torch.randperm(num_samples, generator=generator)[:batch_size].to(device)
+        y = batch_rows(ys, index)
+        x_prev, x_now = batch_rows(xs[step - 1], index), batch_rows(xs[step], index)
+        t_prev, t_now = ts[step - 1].expand(len(y)), ts[step].expand(len(y))
+        with torch.no_grad():
+            target = model(x_now, t_now, y)
+            engine.attach()
+            try:
+                engine.reset()
+                relaxation.relaxed_step = step
+                engine.begin_step(step - 1)
+                model(x_prev, t_prev, y)
+            finally:
+                engine.detach()
+        batch = RelaxationBatch(engine, step, x_now, t_now, y, target)
+        yield batch
+        if getattr(batch, "loss", None) is not None:
+            bar.set_postfix(loss=f"{batch.loss:.3g}")

@@ -1,71 +1,126 @@
 """The caching engine: the one object that knows about caches.
 
 A model with ``model.cache_context = engine`` routes every block through :meth:`CacheEngine.block`
-and every attention/MLP branch through :meth:`CacheEngine.branch`. The engine asks the attached
-method what to do (compute, reuse, recompute a token subset, blend, or skip a span of blocks),
-keeps the pre-gate branch outputs and span residuals, and counts the tokens each branch really
-computed. The sampling loop tells it the step through :attr:`CacheEngine.step_listener`.
+(as a :class:`~tokencache.models.layers.BlockCall`) and every attention/MLP branch through
+:meth:`CacheEngine.branch`. The engine asks the attached method what to do — compute, reuse,
+recompute a token subset, blend, take the method's own forecast, or cache a span of blocks
+through its residual, batch-wide or per batch row — keeps the pre-gate branch outputs and span
+residuals, and counts the tokens each branch really computed for each row. The sampling loop
+tells it the step through :attr:`CacheEngine.step_listener`.
 
 Use::
 
-    with attach(model, get_method("fora", interval=3), "ddim50") as engine:
+    with attach(model, get_method(name, **params), "ddim50") as engine:
         x = generate(model, engine.sampler, labels, gens, cfg_scale=1.5,
                      step_listener=engine.step_listener)
     engine.summary()   # counts and decisions of the last generation
 
-Overhead counters (per batch row, per step) recorded by the engine itself:
+Per-row decisions. A per-row mask (``Reuse(rows=…)``, ``Span(reuse=…)``) is applied exactly
+per row either way. Without host synchronisation every row is computed and the stored value
+selected where the mask says reuse (no saving, and counted as computed); for a method that
+declares ``host_sync = True`` the engine reads the mask once (``host_syncs`` in the summary)
+and runs the blocks or branch only for the rows that need it, so each row costs what its own
+decision says. A sample's result never depends on its batch neighbours.
 
-* ``explicit_attention`` — attention branches run with explicit softmax probabilities handed
-  to the method (same matmul MACs as fused attention; the method's reduction of the map is
-  counted by the method, e.g. ToCa's ``attention_scores``);
-* ``span_residual_tokens`` — tokens of a stored or re-added span residual (one add of D values
-  per token).
+Overhead counters (per batch row, per step) recorded by the engine itself, priced at 0 MACs:
+``explicit_attention`` — attention branches run with explicit softmax probabilities handed to
+the method (the same matmuls as fused attention); ``span_residual_tokens`` — tokens of a
+stored or re-added span residual (an add of D values per token).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Union
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
 
 import torch
 
-from tokencache.cache.actions import Blend, Compute, ComputeSpan, Reuse, ReuseSpan, Subset
-from tokencache.cache.methods import CacheMethod, ModelInfo, get_method
+from tokencache.cache.actions import Blend, Compute, Forecast, Reuse, Span, Subset
+from tokencache.cache.methods import CacheMethod, ModelInfo
 from tokencache.cache.records import BRANCHES, Record
+from tokencache.cache.registry import get_method
 from tokencache.sampling import Sampler, parse_sampler
 
 _BRANCH_INDEX = {name: i for i, name in enumerate(BRANCHES)}
+#: the engine's own overhead counters and their price (MAC-equivalents per unit)
+ENGINE_PRICES = {"explicit_attention": 0, "span_residual_tokens": 0}
 
 
 def model_info(model: torch.nn.Module, sampler: Sampler) -> ModelInfo:
     """The :class:`ModelInfo` of a DiT / MDT / MDTv2 model for a sampling run."""
+    timestep_map = sampler.diffusion().timestep_map
+    param = next(model.parameters(), None)
     return ModelInfo(
         family=type(model).__name__,
         block_count=int(model.block_count),
         num_tokens=int(model.num_tokens),
         grid_size=int(model.x_embedder.grid_size),
-        half_depth=getattr(model, "half_depth", None),
+        skip_partners=dict(getattr(model, "skip_partners", {})),
         sampler_name=sampler.name,
         sampler_loop=sampler.loop,
         num_steps=sampler.steps,
+        timesteps=tuple(int(timestep_map[sampler.steps - 1 - k]) for k in range(sampler.steps)),
         model=model,
+        device=None if param is None else param.device,
     )
+
+
+class BlockInput:
+    """What a method may read at a block before deciding (``block_action``'s ``inputs``).
+
+    ``x``: the block's input (B, N, D); ``c``: the conditioning vector (B, D) (timestep and
+    label embedding); ``attention_input()``: the timestep-modulated input of the block's
+    attention, modulate(LN(x), shift, scale), computed when asked (count its cost as overhead).
+    """
+
+    __slots__ = ("x", "_call")
+
+    def __init__(self, x: torch.Tensor, call):
+        self.x, self._call = x, call
+
+    @property
+    def c(self) -> torch.Tensor:
+        return self._call.c
+
+    def attention_input(self) -> torch.Tensor:
+        return self._call.attention_input(self.x)
+
+
+@dataclass
+class _ActiveSpan:
+    """A span being run: ``mode`` compute | reuse | split (rows by host decision) | select (per row, no sync)."""
+
+    start: int
+    end: int
+    mode: str
+    mask: Optional[torch.Tensor] = None  # select: rows that reuse (B,)
+    reuse_rows: Optional[torch.Tensor] = None  # split: row indices
+    compute_rows: Optional[torch.Tensor] = None
+    span_input: Optional[torch.Tensor] = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.start, self.end
 
 
 class CacheEngine:
     """The :class:`~tokencache.models.layers.CacheContext` that carries out a method's decisions.
 
-    ``sampler`` is the sampler the run must use (the method may have changed it, e.g. ``steps``);
-    ``num_steps`` its step count. State (stored outputs, residuals, counts, the method's own
-    state) is reset at step 0 of every generation and by :meth:`reset`, so consecutive
-    generations, also with different batch sizes, are independent.
+    ``sampler`` is the sampler the run uses (after the method's
+    :meth:`~tokencache.cache.methods.CacheMethod.transform_sampler`, which :func:`attach`
+    applies); ``requested_sampler`` the one asked for (what a full run would have cost).
+    Stored outputs, residuals, counts and the method's ``state`` are reset at step 0 of every
+    generation and by :meth:`reset`, so consecutive generations, also with different batch
+    sizes, are independent.
     """
 
-    def __init__(self, model: torch.nn.Module, method: CacheMethod, sampler: Union[Sampler, str]):
-        requested = parse_sampler(sampler) if isinstance(sampler, str) else sampler
+    def __init__(self, model: torch.nn.Module, method: CacheMethod, sampler: Union[Sampler, str],
+                 requested_sampler: Union[Sampler, str, None] = None):
         self.model = model
         self.method = method
-        self.requested_sampler = requested
-        self.sampler = parse_sampler(method.sampler_override(requested.name))
+        self.sampler = parse_sampler(sampler) if isinstance(sampler, str) else sampler
+        requested = requested_sampler or self.sampler
+        self.requested_sampler = parse_sampler(requested) if isinstance(requested, str) else requested
         self.num_steps = self.sampler.steps
         self.info = model_info(model, self.sampler)
         self.num_tokens = self.info.num_tokens
@@ -73,9 +128,12 @@ class CacheEngine:
         self.step = -1
         self.record = Record(self.num_steps, self.block_count, self.num_tokens)
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
-        self._span_inputs: dict[tuple[int, int], torch.Tensor] = {}
         self._residuals: dict[tuple[int, int], torch.Tensor] = {}
+        self._span: Optional[_ActiveSpan] = None
+        self._rows: Optional[torch.Tensor] = None  # batch rows of the block running now (None: all)
+        self._batch = 0
         self._observe = getattr(method, "observe", None)
+        self._asks_blocks = type(method).block_action is not CacheMethod.block_action
         method._record = self._count_overhead
         method.setup(self.info)
         self.attached = False
@@ -103,13 +161,14 @@ class CacheEngine:
         self.attached = False
 
     def reset(self) -> None:
-        """Forget every stored output, residual, count and the method's state."""
+        """Forget every stored output, residual and count; give the method a fresh ``state``."""
         self._outputs.clear()
-        self._span_inputs.clear()
         self._residuals.clear()
+        self._span = None
+        self._rows = None
         self.record = Record(self.num_steps, self.block_count, self.num_tokens)
         self.step = -1
-        self.method.reset()
+        self.method.state = self.method.State() if self.method.State is not None else None
 
     def step_listener(self, step: int, num_steps: int) -> None:
         """The sampling loop's clock (``generate(..., step_listener=engine.step_listener)``)."""
@@ -126,43 +185,100 @@ class CacheEngine:
             self.reset()
         self.step = step
         self.record.steps_run = max(self.record.steps_run, step + 1)
-        if self.method.passthrough:
-            self.record.counts[step] = self.num_tokens
-            self.record.blocks_run[step] = 1
+        if self.method.passthrough:  # counts per row with rows = 0: every token of every block
+            self.record.token_sums[step] = self.num_tokens
+            self.record.block_sums[step] = 1
         self.method.begin_step(step)
 
-    # ------------------------------------------------------------------ CacheContext
+    # ------------------------------------------------------------------ CacheContext: blocks
 
-    def block(self, index: int, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def block(self, index: int, call, x: torch.Tensor) -> torch.Tensor:
         self._check_step()
-        action = self.method.block_action(self.step, index)
-        if action is None:
-            self.record.blocks_run[self.step, index] = 1
-            return fn(x)
-        key = (action.start, action.end)
-        if isinstance(action, ReuseSpan):
-            if index != action.start:
+        if self._rows is None:
+            self._batch = self.record.rows = int(x.shape[0])
+        span = self._span
+        if span is None or not span.start < index <= span.end:
+            action = self.method.block_action(self.step, index, BlockInput(x, call)) if self._asks_blocks else None
+            if action is None:
+                self.record.add_block(self.step, index, x.shape[0])
+                return call(x)
+            if not isinstance(action, Span) or action.start != index or action.end < action.start:
+                raise TypeError(f"{self.method.name}: block_action at block {index} returned {action!r}; expected None "
+                                f"or a Span starting at block {index}")
+            span = self._span = self._begin_span(action, x)
+        out = self._span_block(span, index, call, x)
+        if index == span.end:
+            self._span = None
+        return out
+
+    def _begin_span(self, action: Span, x: torch.Tensor) -> _ActiveSpan:
+        reuse = action.reuse
+        if isinstance(reuse, bool):
+            return _ActiveSpan(action.start, action.end, "reuse" if reuse else "compute", span_input=x)
+        mask = reuse.to(torch.bool).reshape(-1)
+        if mask.shape[0] != x.shape[0]:
+            raise ValueError(f"{self.method.name}: Span reuse mask has {mask.shape[0]} rows, the batch {x.shape[0]}")
+        if not self.method.host_sync:
+            return _ActiveSpan(action.start, action.end, "select", mask=mask, span_input=x)
+        rows = self._host_rows(mask)
+        if rows is None:
+            return _ActiveSpan(action.start, action.end, "reuse" if bool(mask[0]) else "compute", span_input=x)
+        return _ActiveSpan(action.start, action.end, "split", reuse_rows=rows[0], compute_rows=rows[1], span_input=x)
+
+    def _span_block(self, span: _ActiveSpan, index: int, call, x: torch.Tensor) -> torch.Tensor:
+        what = f"residual of blocks {span.start}…{span.end}"
+        first, last = index == span.start, index == span.end
+        if span.mode == "reuse":
+            if not first:
                 return x
-            residual = self._stored(self._residuals, key, x, f"residual of blocks {key[0]}…{key[1]}")
             self._count_overhead("span_residual_tokens", self.num_tokens)
-            return x + residual
-        if isinstance(action, ComputeSpan):
-            self.record.blocks_run[self.step, index] = 1
-            if index == action.start:
-                self._span_inputs[key] = x
-            out = fn(x)
-            if index == action.end:
-                self._residuals[key] = out - self._span_inputs.pop(key)
-                self._count_overhead("span_residual_tokens", self.num_tokens)
+            return x + self._stored(self._residuals, span.key, x, what)
+        if span.mode in ("compute", "select"):
+            self.record.add_block(self.step, index, x.shape[0])
+            out = call(x)
+            if not last:
+                return out
+            residual = out - span.span_input
+            self._count_overhead("span_residual_tokens", self.num_tokens)
+            if span.mode == "select" and span.key in self._residuals:
+                # rows that reuse keep their stored residual and take x_in + it (before anything is
+                # stored, the host cannot know that a row asked too early: every row is computed)
+                old = self._stored(self._residuals, span.key, x, what)
+                keep = span.mask.view(-1, 1, 1)
+                residual = torch.where(keep, old, residual)
+                out = torch.where(keep, span.span_input + old, out)
+            self._residuals[span.key] = residual
             return out
-        raise TypeError(f"{self.method.name}: block_action returned {action!r}; expected None, ComputeSpan or ReuseSpan")
+        # split: the host read the mask; only the rows that compute run the blocks
+        reuse, compute = span.reuse_rows, span.compute_rows
+        self.record.add_block(self.step, index, compute.numel())
+        out = torch.empty_like(x)
+        if first:
+            stored = self._stored(self._residuals, span.key, x, what)
+            out.index_copy_(0, reuse, x.index_select(0, reuse) + stored.index_select(0, reuse))
+            self._count_overhead("span_residual_tokens", self.num_tokens)
+        else:
+            out.index_copy_(0, reuse, x.index_select(0, reuse))
+        self._rows = compute
+        try:
+            out.index_copy_(0, compute, call(x.index_select(0, compute), compute))
+        finally:
+            self._rows = None
+        if last:
+            fresh = out.index_select(0, compute) - span.span_input.index_select(0, compute)
+            self._residuals[span.key] = self._residuals[span.key].index_copy(0, compute, fresh)
+        return out
 
-    def branch(self, block: int, name: str, fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------ CacheContext: branches
+
+    def branch(self, block: int, name: str, fn, x: torch.Tensor) -> torch.Tensor:
         self._check_step()
+        if self._rows is None:
+            self._batch = self.record.rows = int(x.shape[0])
         action = self.method.branch_action(self.step, block, name)
         key = (block, _BRANCH_INDEX[name])
-        if x.shape[0] != self.record.rows:
-            self.record.rows = x.shape[0]
+        what = f"{name} output of block {block}"
+        rows = int(x.shape[0])
         if isinstance(action, Compute):
             attention = None
             if action.attention:
@@ -171,26 +287,61 @@ class CacheEngine:
             else:
                 out = fn(x)
             if action.store:
-                self._outputs[key] = out.clone() if self.clone_stored else out
-            self.record.counts[self.step, block, key[1]] = self.num_tokens
-            if self._observe is not None:
-                self._observe(self.step, block, name, x=x, output=out, attention=attention)
+                self._put(key, out)
+            self.record.add_tokens(self.step, block, key[1], self.num_tokens, rows)
+            self._observed(block, name, x, out, attention)
             return out
         if isinstance(action, Reuse):
-            self.record.counts[self.step, block, key[1]] = 0
-            return self._stored(self._outputs, key, x, f"{name} output of block {block}")
+            if action.rows is None:
+                return self._get(key, x, what)
+            return self._reuse_rows(block, name, key, fn, x, action.rows)
         if isinstance(action, Subset):
             return self._subset(block, name, key, fn, x, action.tokens)
+        if isinstance(action, Forecast):  # the whole batch's forecast; stored like a computed output
+            out = action.output
+            if out.shape[0] != self._batch or out.shape[1:] != x.shape[1:]:
+                raise RuntimeError(f"{self.method.name}: forecast of the {what} has shape {tuple(out.shape)}, the "
+                                   f"batch {self._batch} × {tuple(x.shape[1:])}")
+            self._put(key, out, all_rows=True)
+            return out if self._rows is None else out.index_select(0, self._rows)
         if isinstance(action, Blend):
-            stored = self._stored(self._outputs, key, x, f"{name} output of block {block}")
-            self.record.counts[self.step, block, key[1]] = self.num_tokens
+            stored = self._get(key, x, what)
+            self.record.add_tokens(self.step, block, key[1], self.num_tokens, rows)
             return stored * (1 - action.weight) + fn(x) * action.weight
-        raise TypeError(f"{self.method.name}: branch_action returned {action!r}; expected Compute, Reuse, Subset or Blend")
+        raise TypeError(f"{self.method.name}: branch_action returned {action!r}; expected Compute, Reuse, Subset, "
+                        "Forecast or Blend")
 
-    # ------------------------------------------------------------------ internals
+    def _reuse_rows(self, block: int, name: str, key, fn, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reuse where ``mask`` (over the whole batch) is True, compute the other rows."""
+        what = f"{name} output of block {block}"
+        mask = mask.to(torch.bool).reshape(-1)
+        if mask.shape[0] != self._batch:
+            raise ValueError(f"{self.method.name}: Reuse rows mask has {mask.shape[0]} rows, the batch {self._batch}")
+        if self._rows is not None:
+            mask = mask.index_select(0, self._rows)
+        stored = self._get(key, x, what)
+        if not self.method.host_sync:  # every row computed, the stored value kept where the mask says reuse
+            keep = mask.view(-1, 1, 1)
+            out = torch.where(keep, stored, fn(x))
+            self._put(key, out)
+            self.record.add_tokens(self.step, block, key[1], self.num_tokens, x.shape[0])
+            return out
+        split = self._host_rows(mask)
+        if split is None:
+            if bool(mask[0]):
+                return stored
+            out = fn(x)
+            self._put(key, out)
+            self.record.add_tokens(self.step, block, key[1], self.num_tokens, x.shape[0])
+            return out
+        compute = split[1]
+        out = stored.index_copy(0, compute, fn(x.index_select(0, compute), rows=compute))
+        self._put(key, out)
+        self.record.add_tokens(self.step, block, key[1], self.num_tokens, compute.numel())
+        return out
 
     def _subset(self, block: int, name: str, key, fn, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        stored = self._stored(self._outputs, key, x, f"{name} output of block {block}")
+        stored = self._get(key, x, f"{name} output of block {block}")
         if tokens.dim() != 2 or tokens.shape[0] not in (1, x.shape[0]) or tokens.dtype != torch.int64:
             raise ValueError(f"{self.method.name}: Subset tokens must be int64 (batch {x.shape[0]} or 1, k), "
                              f"got {tuple(tokens.shape)} {tokens.dtype}")
@@ -198,25 +349,57 @@ class CacheEngine:
             tokens = tokens.expand(x.shape[0], -1)
         fresh = fn(x, tokens=tokens)
         index = tokens.unsqueeze(-1).expand(-1, -1, stored.shape[-1])
-        if torch.is_grad_enabled() and (fresh.requires_grad or stored.requires_grad):
-            out = stored.scatter(1, index, fresh)
-        else:
-            out = stored.scatter_(1, index, fresh)
-        self._outputs[key] = out
-        self.record.counts[self.step, block, key[1]] = tokens.shape[1]
-        if self._observe is not None:
-            self._observe(self.step, block, name, x=x, output=out, attention=None)
+        in_place = self._rows is None and not (torch.is_grad_enabled() and (fresh.requires_grad or stored.requires_grad))
+        out = stored.scatter_(1, index, fresh) if in_place else stored.scatter(1, index, fresh)
+        if not in_place:
+            self._put(key, out)
+        self.record.add_tokens(self.step, block, key[1], tokens.shape[1], x.shape[0])
+        self._observed(block, name, x, out, None)
         return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _host_rows(self, mask: torch.Tensor):
+        """(reuse rows, compute rows) as index tensors on the mask's device, or None when all rows agree.
+
+        The one host synchronisation of a per-row decision (counted in ``host_syncs``).
+        """
+        values = mask.to("cpu")
+        self.record.host_syncs += 1
+        reuse = values.nonzero().flatten()
+        if reuse.numel() in (0, values.numel()):
+            return None
+        compute = (~values).nonzero().flatten()
+        return reuse.to(mask.device, non_blocking=True), compute.to(mask.device, non_blocking=True)
+
+    def _get(self, key, x: torch.Tensor, what: str) -> torch.Tensor:
+        """The stored output for the rows running now."""
+        value = self._stored(self._outputs, key, x, what)
+        return value if self._rows is None else value.index_select(0, self._rows)
+
+    def _put(self, key, value: torch.Tensor, all_rows: bool = False) -> None:
+        """Store ``value`` — the rows running now, or (``all_rows``) the whole batch."""
+        if self._rows is not None and not all_rows:
+            base = self._outputs.get(key)
+            if base is None or base.shape[0] != self._batch:
+                base = value.new_zeros((self._batch,) + tuple(value.shape[1:]))
+            self._outputs[key] = base.index_copy(0, self._rows, value)
+            return
+        self._outputs[key] = value.clone() if self.clone_stored else value
 
     def _stored(self, store: dict, key, x: torch.Tensor, what: str) -> torch.Tensor:
         value = store.get(key)
         if value is None:
             raise RuntimeError(f"{self.method.name} asked to reuse the {what} at step {self.step}, but nothing is "
                                "stored (a method bug: the first use must compute)")
-        if value.shape != x.shape:
+        if value.shape[0] != self._batch or value.shape[1:] != x.shape[1:]:
             raise RuntimeError(f"{self.method.name}: stored {what} has shape {tuple(value.shape)}, the current "
-                               f"input {tuple(x.shape)} (batch changed without a reset at step 0)")
+                               f"batch {self._batch} × {tuple(x.shape[1:])} (batch changed without a reset at step 0)")
         return value
+
+    def _observed(self, block: int, name: str, x, out, attention) -> None:
+        if self._observe is not None:
+            self._observe(self.step, block, name, x=x, output=out, attention=attention, rows=self._rows)
 
     def _check_step(self) -> None:
         if self.step < 0:
@@ -230,33 +413,41 @@ class CacheEngine:
 
     @property
     def counts(self):
-        """Tokens computed per batch row, int64 array (steps, blocks, 2): [..., 0] attn, [..., 1] mlp."""
-        return self.record.counts.copy()
+        """Tokens computed per batch row (mean over rows): (steps, blocks, 2), [..., 0] attn, [..., 1] mlp."""
+        return self.record.counts
 
     @property
     def blocks_run(self):
-        """1 where a block ran at a step, 0 where it was skipped inside a reused span: (steps, blocks)."""
-        return self.record.blocks_run.copy()
+        """Fraction of rows that ran each block at each step (0 where a reused span skipped it)."""
+        return self.record.blocks_run
 
     def summary(self, counts: bool = True) -> dict:
         """JSON-serialisable summary of the last generation, with the method and sampler.
 
-        Keys: method, params, sampler (run), requested_sampler, token_fraction_of_requested
-        (tokens computed ÷ a full run of the requested sampler: what ``steps`` saves), family,
-        num_steps, steps_run, block_count, num_tokens,
-        rows (batch rows the model saw; 0 for passthrough methods, which bypass the engine),
-        skipped_fraction (block-branches reused), partial_fraction (recomputed for a token
-        subset), token_fraction / attn_token_fraction / mlp_token_fraction (tokens computed ÷
-        full), full_steps, blocks_run_fraction, per_step {full, cached, partial,
-        token_fraction}, overhead {name: {total, per_step}}, and with ``counts`` the arrays
-        ``counts`` (steps × blocks × [attn, mlp]) and ``blocks_run`` (steps × blocks).
+        Keys: method, role, params (as given), resolved (settings actually used), host_sync,
+        sampler (run), requested_sampler, token_fraction_of_requested (tokens computed ÷ a full
+        run of the requested sampler: what fewer steps save), family, num_steps, steps_run,
+        block_count, num_tokens, rows (batch rows the model saw; 0 for passthrough methods,
+        which bypass the engine), host_syncs, skipped_fraction (block-branches reused),
+        partial_fraction (recomputed for a token subset), token_fraction / attn_token_fraction
+        / mlp_token_fraction (tokens computed ÷ full), full_steps, blocks_run_fraction,
+        per_step {computed, cached, partial, token_fraction}, overhead {name: {total, per_step}},
+        overhead_prices {name: MAC-equivalents per unit}, calibration_param (the parameter
+        holding a calibration file, or None), and with ``counts`` the per-row arrays ``counts``
+        (steps × blocks × [attn, mlp]) and ``blocks_run`` (steps × blocks).
         """
+        from tokencache.metrics.flops import model_shape
+
         record = self.record.summary(counts)
         full_cost = self.requested_sampler.steps * self.block_count * 2 * self.num_tokens
-        return {"method": self.method.name, "params": self.method.params(), "sampler": self.sampler.name,
-                "requested_sampler": self.requested_sampler.name,
+        prices = {**ENGINE_PRICES, **self.method.overhead_macs(model_shape(self.model))}
+        calibration = type(self.method).calibration
+        return {"method": self.method.name, "role": self.method.role, "params": self.method.params(),
+                "resolved": self.method.resolved(), "host_sync": self.method.host_sync,
+                "sampler": self.sampler.name, "requested_sampler": self.requested_sampler.name,
                 "token_fraction_of_requested": round(float(self.record.counts.sum()) / full_cost, 6),
-                "family": self.info.family, **record}
+                "family": self.info.family, **record, "overhead_prices": dict(sorted(prices.items())),
+                "calibration_param": None if calibration is None else calibration.file_param}
 
 
 @contextmanager
@@ -264,14 +455,16 @@ def attach(model: torch.nn.Module, method: Union[CacheMethod, str], sampler: Uni
            **params) -> Iterator[CacheEngine]:
     """Attach ``method`` (an instance, or a name plus ``params``) to ``model`` for ``sampler``.
 
-    Yields the :class:`CacheEngine`; sample with ``engine.sampler`` and
-    ``step_listener=engine.step_listener``. The cache context is removed on exit, also on errors.
+    The method's sampler transform is applied first (fewer steps run another sampler): sample
+    with ``engine.sampler`` and ``step_listener=engine.step_listener``. The cache context is
+    removed on exit, also on errors.
     """
     if isinstance(method, str):
         method = get_method(method, **params)
     elif params:
         raise ValueError("pass parameters either to get_method or to attach with a method name, not both")
-    engine = CacheEngine(model, method, sampler).attach()
+    requested = parse_sampler(sampler) if isinstance(sampler, str) else sampler
+    engine = CacheEngine(model, method, method.transform_sampler(requested), requested).attach()
     try:
         yield engine
     finally:

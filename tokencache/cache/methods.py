@@ -1,23 +1,32 @@
-"""Caching methods as small dataclasses, and the registry that finds them by name.
+"""The method API: a caching method is a small dataclass with typed parameters and decision hooks.
 
 A method is a dataclass subclass of :class:`CacheMethod` with a ``name`` and its parameters
 declared with :func:`param` (default, one-line doc with the paper's symbol, allowed range)::
 
     @register_method
     @dataclass
-    class FORA(CacheMethod):
-        \"\"\"FORA: full step every N steps, all branch outputs reused in between.\"\"\"
-        name = "fora"
-        interval: int = param(3, "N: a full step every N steps", min=1)
+    class EveryOther(CacheMethod):
+        \"\"\"Reuse every block's MLP output on odd steps.\"\"\"
+        name = "every-other"
+        interval: int = param(2, "N: full MLP every N steps", min=1)
 
         def branch_action(self, step, block, branch):
-            return COMPUTE if step % self.interval == 0 else REUSE
+            return REUSE if branch == "mlp" and step % self.interval else COMPUTE
 
-The engine calls, per generation: :meth:`CacheMethod.setup` once (model shape, sampler), then
-per step :meth:`~CacheMethod.begin_step`, per block :meth:`~CacheMethod.block_action` and per
-branch :meth:`~CacheMethod.branch_action` (see :mod:`tokencache.cache.actions`), and
-:meth:`~CacheMethod.observe` after a computation if the method defines it. Everything a method
-decides from the schedule is plain Python; anything from tensors stays on the device.
+The engine calls, per attach, :meth:`~CacheMethod.setup` (the model and sampler as a
+:class:`ModelInfo`); per generation it creates ``self.state = self.State()`` when the method
+declares a ``State`` class; per step :meth:`~CacheMethod.begin_step`; per block
+:meth:`~CacheMethod.block_action` (its input tensor and the timestep-modulated input are there
+to read); per branch :meth:`~CacheMethod.branch_action` (see :mod:`tokencache.cache.actions`);
+and :meth:`observe` after a computation if the method defines it.
+
+Besides decisions, a method declares what the general layers need to know about it, so that
+none of them names a method: its ``role`` in comparisons, whether it reads device values on the
+host (``host_sync``), the price of its overhead counters (:meth:`~CacheMethod.overhead_macs`),
+its resolved settings (:meth:`~CacheMethod.resolved`), a sampler it runs instead
+(:meth:`~CacheMethod.transform_sampler`), the parameter values that make it compute everything
+(``noop``, for the contract test) and, when it has a trained or fitted part, its
+:class:`~tokencache.cache.calibration.Calibration`.
 """
 from __future__ import annotations
 
@@ -26,18 +35,17 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Union
 
 from tokencache.cache.actions import COMPUTE
 
-#: name → method class; filled by :func:`register_method` (plugins in ``baselines/``).
-_REGISTRY: dict[str, type] = {}
+#: the roles a method plays in a comparison (plots and tables style and order runs by them)
+ROLES = ("reference", "fewer-steps", "cache")
 
 
 def param(default: Any, doc: str, *, min: Optional[float] = None, max: Optional[float] = None,
           choices: Optional[tuple] = None):
-    """A method parameter: its default, a one-line doc (paper symbol first), its allowed values.
+    """A method (or calibration) parameter: its default, a one-line doc (paper symbol first), its range.
 
     ``min``/``max`` bound numbers (inclusive); ``choices`` lists the allowed values of a string.
     """
@@ -49,46 +57,70 @@ def param(default: Any, doc: str, *, min: Optional[float] = None, max: Optional[
 class ModelInfo:
     """What a method may know about the model and the sampling run it is attached to.
 
-    ``family``: "DiT", "MDT" (v1) or "MDTv2"; ``block_count``: blocks in execution order;
-    ``num_tokens``/``grid_size``: tokens per image and the side of their square grid;
-    ``half_depth``: MDTv2's encoder half (its long skips pair block j with 2·half_depth−1−j),
-    None otherwise; ``sampler_*``: the sampler actually run (``num_steps`` = its step count);
-    ``model``: the model itself, for methods that must check a learned artefact against it.
+    ``family``: the model class ("DiT", "MDT", "MDTv2"); ``block_count``: blocks in execution
+    order; ``num_tokens``/``grid_size``: tokens per image and the side of their square grid;
+    ``skip_partners``: long skips as {block that pushes: block that pops} (MDTv2's U; empty for
+    DiT); ``sampler_*``: the sampler actually run (``num_steps`` its step count);
+    ``timesteps``: the original 0–999 timestep of each sampling step (first = noisiest);
+    ``model``: the model itself (for methods that check a learned artefact against it or read
+    its weights); ``device``: where its parameters live.
     """
 
     family: str
     block_count: int
     num_tokens: int
     grid_size: int
-    half_depth: Optional[int]
+    skip_partners: dict
     sampler_name: str
     sampler_loop: str
     num_steps: int
+    timesteps: tuple
     model: Any = dataclasses.field(default=None, repr=False, compare=False)
+    device: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class CacheMethod:
     """Base of every caching method. Subclasses are dataclasses registered by name.
 
-    Hooks (all optional except :meth:`branch_action`, whose default computes everything):
+    Class attributes a method may set:
 
-    * ``setup(info)`` — once per attach, with a :class:`ModelInfo`; precompute schedules here;
-    * ``reset()`` — forget per-generation state (called at step 0 and by ``engine.reset()``);
+    * ``passthrough = True`` — never changes a branch (the uncached model, fewer steps): the engine leaves
+      the model untouched and counts every token;
+    * ``role`` — "reference" (the uncached model every method is compared with), "fewer-steps"
+      (the step-reduction baseline every cache must beat) or "cache" (the default);
+    * ``host_sync = True`` — the method's decisions read device values on the host while
+      sampling (a runtime signal); the engine then computes only the rows a per-row mask asks
+      for, and latency reports the synchronisation;
+    * ``State`` — a class (e.g. a dataclass) instantiated without arguments at the start of
+      every generation as ``self.state``: all per-generation memory lives there;
+    * ``noop`` — parameter values with which the method computes everything, as the uncached model;
+    * ``traced_overhead`` — overhead counters whose work is matrix arithmetic a trace of the
+      model sees (a predictor network's layers, an adaLN signal), as opposed to elementwise work;
+    * ``calibration`` — a :class:`~tokencache.cache.calibration.Calibration` subclass when the
+      method needs a trained or fitted file.
+
+    Hooks (all optional; :meth:`branch_action` computes everything by default):
+
+    * ``setup(info)`` — once per attach, with a :class:`ModelInfo`; plan schedules here;
     * ``begin_step(step)`` — before the model runs at step ``step`` (0 = first, noisiest);
-    * ``block_action(step, block)`` → None or a span action;
+    * ``block_action(step, block, inputs)`` → None or a :class:`~tokencache.cache.actions.Span`
+      starting at ``block``; ``inputs`` has ``x`` (the block's input), ``c`` (the conditioning
+      vector) and ``attention_input()`` (the timestep-modulated input of its attention);
     * ``branch_action(step, block, branch)`` → an action for branch "attn" or "mlp";
-    * ``observe(step, block, branch, *, x, output, attention)`` — after a branch was computed
-      (fully or partly); defined only by methods that learn from outputs or attention maps.
-      ``output`` is the engine's stored tensor, updated in place by later subsets: clone what
-      must be kept.
-    * ``sampler_override(sampler_name)`` → the sampler to run instead (``steps`` method).
-
-    ``passthrough = True`` marks methods that never change a branch (``full``, ``steps``): the
-    engine then leaves the model untouched (no cache context) and counts every token.
+    * ``observe(step, block, branch, *, x, output, attention, rows)`` — after a branch was
+      computed (fully or partly); ``output`` is the stored tensor (keep it only if you clone it
+      or the engine stores it), ``rows`` the batch rows computed (None: all). Looked up only
+      when a subclass defines it, so methods that need nothing pay nothing.
     """
 
     name: ClassVar[str] = ""
     passthrough: ClassVar[bool] = False
+    role: ClassVar[str] = "cache"
+    host_sync: ClassVar[bool] = False
+    State: ClassVar[Optional[type]] = None
+    noop: ClassVar[Optional[dict]] = None
+    calibration: ClassVar[Optional[type]] = None
+    traced_overhead: ClassVar[tuple] = ()
     _record: Optional[Callable[[str, int], None]] = None
 
     def __post_init__(self) -> None:
@@ -99,23 +131,37 @@ class CacheMethod:
     def setup(self, info: ModelInfo) -> None:
         self.info = info
 
-    def reset(self) -> None:
-        pass
-
     def begin_step(self, step: int) -> None:
         pass
 
-    def block_action(self, step: int, block: int):
+    def block_action(self, step: int, block: int, inputs):
         return None
 
     def branch_action(self, step: int, block: int, branch: str):
         return COMPUTE
 
-    def sampler_override(self, sampler_name: str) -> str:
-        return sampler_name
+    # ------------------------------------------------------------------ declarations
 
-    # observe(self, step, block, branch, *, x, output, attention) is looked up by the engine
-    # only when a subclass defines it, so methods that need nothing pay nothing.
+    def transform_sampler(self, sampler):
+        """The sampler to run instead of ``sampler`` (a :class:`~tokencache.sampling.Sampler`)."""
+        return sampler
+
+    def overhead_macs(self, shape) -> dict:
+        """MAC-equivalents of one unit of each overhead counter this method records, per batch row.
+
+        ``shape`` is the model's :class:`~tokencache.metrics.flops.ModelShape`. One
+        MAC-equivalent is one elementary multiply-add, or an add that reads a tensor element.
+        A counter without a price is reported as unpriced.
+        """
+        return {}
+
+    def resolved(self) -> dict:
+        """The settings actually used after :meth:`setup` (defaults that depend on the sampler filled in)."""
+        return self.params()
+
+    def calibration_id(self) -> str:
+        """The name of this method's calibration artefact; variants needing another one override it."""
+        return self.name
 
     # ------------------------------------------------------------------ helpers
 
@@ -129,10 +175,10 @@ class CacheMethod:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-# ---------------------------------------------------------------------- parameters
+# ---------------------------------------------------------------------- typed parameters
 
 
-def _allowed_types(annotation) -> tuple[tuple[type, ...], bool]:
+def allowed_types(annotation) -> tuple[tuple[type, ...], bool]:
     """(accepted Python types, None allowed) for a field annotation such as ``int | None``."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
@@ -142,13 +188,13 @@ def _allowed_types(annotation) -> tuple[tuple[type, ...], bool]:
     return (annotation,), False
 
 
-def _type_name(annotation) -> str:
-    kinds, optional = _allowed_types(annotation)
+def type_name(annotation) -> str:
+    kinds, optional = allowed_types(annotation)
     name = " | ".join(getattr(k, "__name__", str(k)) for k in kinds)
     return f"{name} | None" if optional else name
 
 
-def _range_text(meta: dict) -> str:
+def range_text(meta: dict) -> str:
     if meta.get("choices"):
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
     if meta.get("min") is None and meta.get("max") is None:
@@ -158,111 +204,75 @@ def _range_text(meta: dict) -> str:
     return f"{lo} … {hi}"
 
 
-def validate_params(method: CacheMethod) -> None:
+def validate_params(obj) -> None:
     """Check every field's type and range; a one-line ValueError names the first bad one."""
-    hints = typing.get_type_hints(type(method))
-    for f in dataclasses.fields(method):
-        value = getattr(method, f.name)
-        kinds, optional = _allowed_types(hints[f.name])
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds, optional = allowed_types(hints[f.name])
         meta = f.metadata
-        prefix = f"{method.name}: parameter {f.name}"
+        prefix = f"{obj.name}: parameter {f.name}"
         if value is None:
             if optional:
                 continue
-            raise ValueError(f"{prefix} is required ({_type_name(hints[f.name])}: {_range_text(meta)})")
+            raise ValueError(f"{prefix} is required ({type_name(hints[f.name])}: {range_text(meta)})")
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-            setattr(method, f.name, value)
+            setattr(obj, f.name, value)
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if not ok:
-            raise ValueError(f"{prefix} must be {_type_name(hints[f.name])}, got {value!r}")
+            raise ValueError(f"{prefix} must be {type_name(hints[f.name])}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{prefix} must be finite, got {value!r}")
         lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
         if choices and value not in choices:
-            raise ValueError(f"{prefix} must be {_range_text(meta)}, got {value!r}")
+            raise ValueError(f"{prefix} must be {range_text(meta)}, got {value!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ValueError(f"{prefix} must be in {_range_text(meta)}, got {value!r}")
+            raise ValueError(f"{prefix} must be in {range_text(meta)}, got {value!r}")
 
 
-# ---------------------------------------------------------------------- registry
+def parse_typed(cls: type, owner: str, key: str, raw: str):
+    """The text ``raw`` of parameter ``key`` of dataclass ``cls`` as its declared type.
 
-
-def register_method(cls: type) -> type:
-    """Class decorator: make a :class:`CacheMethod` dataclass available by its ``name``.
-
-    Registering the same name again from the same source file replaces it (a plugin loaded
-    twice); from another file it is an error, so two plugins cannot silently shadow each other.
+    ``none``/``null`` is None where allowed; bools are ``true``/``false``; numbers are parsed as
+    the field's type, so ``router=123`` stays a path and ``interval=3`` an int.
     """
-    if not (isinstance(cls, type) and issubclass(cls, CacheMethod) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"register_method expects a @dataclass subclass of CacheMethod, got {cls!r}")
-    name = cls.name
-    if not name or not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"{cls.__name__}: set a method name (letters, digits, '-', '_'), got {name!r}")
-    old = _REGISTRY.get(name)
-    if old is not None and _source(old) != _source(cls):
-        raise ValueError(f"method {name!r} is registered twice: {_source(old)} and {_source(cls)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        known = ", ".join(fields) or "none"
+        raise ValueError(f"{owner}: unknown parameter {key!r}; parameters: {known}")
+    kinds, optional = allowed_types(typing.get_type_hints(cls)[key])
+    text = raw.strip()
+    if optional and text.lower() in ("none", "null"):
+        return None
+    for kind in kinds:
+        try:
+            if kind is bool:
+                if text.lower() in ("true", "false"):
+                    return text.lower() == "true"
+                continue
+            if kind in (int, float):
+                return kind(text)
+            if kind is str:
+                return text
+        except ValueError:
+            continue
+    raise ValueError(f"{owner}: parameter {key} must be {type_name(typing.get_type_hints(cls)[key])}, got {text!r}")
+
+
+def describe_params(cls: type) -> list[dict]:
+    """[{name, type, default, doc, range}] of a dataclass declared with :func:`param`."""
+    hints = typing.get_type_hints(cls)
+    return [{"name": f.name, "type": type_name(hints[f.name]), "default": f.default, "doc": f.metadata["doc"],
+             "range": range_text(f.metadata)} for f in dataclasses.fields(cls)]
+
+
+def check_declared(cls: type, owner: str) -> None:
+    """Every field declared with :func:`param` and of a type the CLI and configs can carry."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if "doc" not in f.metadata:
-            raise TypeError(f"{name}: declare parameter {f.name} with param(default, doc, ...)")
-        kinds, _ = _allowed_types(hints[f.name])
+            raise TypeError(f"{owner}: declare parameter {f.name} with param(default, doc, ...)")
+        kinds, _ = allowed_types(hints[f.name])
         if not set(kinds) <= {int, float, str, bool}:
-            raise TypeError(f"{name}: parameter {f.name} must be int, float, str or bool (optionally | None)")
-    _REGISTRY[name] = cls
-    return cls
-
-
-def _source(cls: type) -> str:
-    import inspect
-
-    try:
-        return str(Path(inspect.getfile(cls)).resolve())
-    except (TypeError, OSError):
-        return cls.__module__
-
-
-def _ensure_plugins() -> None:
-    from tokencache.cache.plugins import load_default_plugins
-
-    load_default_plugins()
-
-
-def available_methods() -> list[str]:
-    """Names of all registered methods (the default plugin folder is loaded on first use)."""
-    _ensure_plugins()
-    return sorted(_REGISTRY)
-
-
-def method_class(name: str) -> type:
-    """The registered class of method ``name``; ValueError listing the choices otherwise."""
-    _ensure_plugins()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def get_method(name: str, **params) -> CacheMethod:
-    """A new instance of method ``name`` with ``params``; one-line ValueError on any mistake."""
-    cls = method_class(name)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        allowed = ", ".join(known) if known else "none"
-        raise ValueError(f"{name}: unknown parameter {unknown[0]!r}; parameters: {allowed}")
-    return cls(**params)
-
-
-def describe_methods() -> list[dict]:
-    """JSON-serialisable list of {name, doc, params: [{name, type, default, doc, range}]}."""
-    _ensure_plugins()
-    out = []
-    for name in sorted(_REGISTRY):
-        cls = _REGISTRY[name]
-        hints = typing.get_type_hints(cls)
-        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        params = [{"name": f.name, "type": _type_name(hints[f.name]), "default": f.default,
-                   "doc": f.metadata["doc"], "range": _range_text(f.metadata)}
-                  for f in dataclasses.fields(cls)]
-        out.append({"name": name, "doc": doc, "params": params, "source": _source(cls)})
-    return out
+            raise TypeError(f"{owner}: parameter {f.name} must be int, float, str or bool (optionally | None)")

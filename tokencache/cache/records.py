@@ -1,7 +1,9 @@
-"""What a generation really computed: token counts per step, block and branch, plus overheads.
+"""What a generation really computed: tokens per step, block and branch, summed over batch rows.
 
-Counts are per batch row (with CFG the model sees two rows per image: conditional and null
-label). MACs per row follow from them (D hidden size, N tokens, c a count, hidden MLP 4D):
+Counts are kept as sums over the batch rows (with CFG the model sees two rows per image), so
+that per-row decisions (a span skipped for some samples only) are counted exactly; the per-row
+mean ``counts`` is what MACs are priced from. MACs per row follow from a per-row count c (D
+hidden size, N tokens, hidden MLP 4D):
 
 * attention with c tokens (0 < c ≤ N): queries c·D², keys and values 2·N·D² (always all N
   tokens, so the chosen tokens get exact values), logits and weighted sum 2·c·N·D, output
@@ -19,32 +21,50 @@ BRANCHES = ("attn", "mlp")
 
 
 class Record:
-    """Token counts ``counts[step, block, branch]`` (branch 0 = attn, 1 = mlp) and overheads.
+    """Token sums ``token_sums[step, block, branch]`` (branch 0 = attn, 1 = mlp), blocks run, overheads.
 
-    A full branch counts N, a reuse 0, a subset k. ``overhead[name][step]`` counts a method's
-    extra decision work per batch row (see :class:`tokencache.cache.engine.CacheEngine`).
+    ``rows`` is the batch size the model saw; :attr:`counts` = sums ÷ rows (N for a branch every
+    row computed fully, 0 where every row reused). ``overhead[name][step]`` counts a method's
+    extra decision work per batch row.
     """
 
     def __init__(self, num_steps: int, block_count: int, num_tokens: int):
         self.num_steps = num_steps
         self.block_count = block_count
         self.num_tokens = num_tokens
-        self.counts = np.zeros((num_steps, block_count, 2), dtype=np.int64)
-        self.blocks_run = np.zeros((num_steps, block_count), dtype=np.int64)
+        self.token_sums = np.zeros((num_steps, block_count, 2), dtype=np.int64)
+        self.block_sums = np.zeros((num_steps, block_count), dtype=np.int64)
         self.overhead: dict[str, np.ndarray] = {}
         self.rows = 0
         self.steps_run = 0
+        self.host_syncs = 0
+
+    def add_tokens(self, step: int, block: int, branch: int, tokens: int, rows: int) -> None:
+        self.token_sums[step, block, branch] += int(tokens) * int(rows)
+
+    def add_block(self, step: int, block: int, rows: int) -> None:
+        self.block_sums[step, block] += int(rows)
 
     def add_overhead(self, step: int, name: str, amount: int) -> None:
         if name not in self.overhead:
             self.overhead[name] = np.zeros(self.num_steps, dtype=np.int64)
         self.overhead[name][step] += int(amount)
 
+    @property
+    def counts(self) -> np.ndarray:
+        """Tokens computed per batch row (float64, the mean over rows): (steps, blocks, 2)."""
+        return self.token_sums / max(self.rows, 1)
+
+    @property
+    def blocks_run(self) -> np.ndarray:
+        """Fraction of batch rows that ran each block at each step: (steps, blocks)."""
+        return self.block_sums / max(self.rows, 1)
+
     def per_step(self) -> dict:
-        """Per step: fractions of block-branches computed fully / reused / partly, and of tokens."""
+        """Per step: fractions of block-branches computed on every token / reused / partly, and of tokens."""
         n, c = self.num_tokens, self.counts
         return {
-            "full": (c == n).mean(axis=(1, 2)).round(6).tolist(),
+            "computed": (c == n).mean(axis=(1, 2)).round(6).tolist(),
             "cached": (c == 0).mean(axis=(1, 2)).round(6).tolist(),
             "partial": ((c > 0) & (c < n)).mean(axis=(1, 2)).round(6).tolist(),
             "token_fraction": (c.sum(axis=(1, 2)) / (c.shape[1] * 2 * n)).round(6).tolist(),
@@ -52,7 +72,7 @@ class Record:
 
     def summary(self, counts: bool = True) -> dict:
         """JSON-serialisable summary: skipped and computed fractions, per-step decisions, and
-        (``counts=True``) the full ``counts`` and ``blocks_run`` arrays as nested lists."""
+        (``counts=True``) the per-row ``counts`` and ``blocks_run`` arrays as nested lists."""
         n, c = self.num_tokens, self.counts
         total = c.size * n
         out = {
@@ -61,6 +81,7 @@ class Record:
             "block_count": self.block_count,
             "num_tokens": self.num_tokens,
             "rows": self.rows,
+            "host_syncs": self.host_syncs,
             "skipped_fraction": round(float((c == 0).mean()), 6),
             "partial_fraction": round(float(((c > 0) & (c < n)).mean()), 6),
             "token_fraction": round(float(c.sum() / total), 6),
@@ -72,6 +93,13 @@ class Record:
             "overhead": {k: {"total": int(v.sum()), "per_step": v.tolist()} for k, v in sorted(self.overhead.items())},
         }
         if counts:
-            out["counts"] = c.tolist()
-            out["blocks_run"] = self.blocks_run.tolist()
+            out["counts"] = _plain(c)
+            out["blocks_run"] = _plain(self.blocks_run)
         return out
+
+
+def _plain(values: np.ndarray) -> list:
+    """Nested lists with integers where a value is whole (the common case: every row alike)."""
+    if np.all(values == np.round(values)):
+        return values.astype(np.int64).tolist()
+    return values.tolist()

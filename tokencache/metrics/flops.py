@@ -311,27 +311,6 @@ def cfg_rows_per_image(family: str, cfg_scale: float) -> int:
     return 1 if (family == "DiT" and cfg_scale == 1.0) else 2
 
 
-def overhead_unit_macs(name: str, s: ModelShape) -> Optional[int]:
-    """MAC-equivalents of one unit of overhead counter ``name`` (per batch row); None = unpriced.
-
-    One MAC-equivalent is one elementary multiply-add or add that reads a tensor element.
-
-    * ``attention_scores`` (unit: one attention map reduced to token scores, ToCa's s1): head
-      mean H·N² adds, column sum N² adds, L2 normalisation N → H·N² + N² + N;
-    * ``token_scores`` (unit: one token scored for a subset choice): the soft-fresh term
-      w·stale/I (one multiply-add) and the 2×2 spatial bonus (cell max and one multiply-add,
-      counted as one) → 2; the top-k sort's comparisons are not MACs (the count is reported);
-    * ``explicit_attention`` (unit: one attention branch run with explicit softmax): 0 extra,
-      the same Q·Kᵀ and P·V matmuls as the fused kernel (already in the branch cost);
-    * ``span_residual_tokens`` (unit: one token's residual stored or re-added, D values): 0,
-      an elementwise add, as fvcore prices adds.
-    """
-    n = s.tokens
-    prices = {"attention_scores": s.heads * n * n + n * n + n, "token_scores": 2,
-              "explicit_attention": 0, "span_residual_tokens": 0}
-    return prices.get(name)
-
-
 def _summary_counts(summary: dict) -> np.ndarray:
     counts = summary.get("counts_per_sample", summary.get("counts"))
     if counts is None:
@@ -358,10 +337,12 @@ def sampling_macs(model: Union[nn.Module, ModelShape], cache_summary: dict, cfg:
     counts in both), so MACs per image = 2 × MACs per row; ``cfg=False``: 1 row per image. With
     CFG, the full sampler costs num_steps × 2 × :func:`forward_macs`.
 
-    The method's own overhead (scores, sorts, residuals) is priced separately
-    (:func:`overhead_unit_macs`): ``overhead_macs`` by name per image, plus the raw counts.
+    The method's own overhead (scores, sorts, forecasts, signals) is priced separately, at the
+    MAC-equivalents per unit the method declared (``overhead_prices`` in the summary, from
+    :meth:`~tokencache.cache.methods.CacheMethod.overhead_macs`): ``overhead_macs`` by name per
+    image, plus the raw counts; a counter without a price is listed in ``overhead_unpriced``.
 
-    ``macs_per_image_full`` is the full model with the *requested* sampler (for ``steps``, the
+    ``macs_per_image_full`` is the full model with the *requested* sampler (for fewer steps, the
     sampler before the reduction), so ``macs_speedup`` is the saving against what was asked for.
     """
     from tokencache.sampling import parse_sampler
@@ -394,10 +375,11 @@ def sampling_macs(model: Union[nn.Module, ModelShape], cache_summary: dict, cfg:
     macs = rows * sum(per_row.values())
 
     overhead_macs, overhead_counts, unpriced = {}, {}, []
+    prices = cache_summary.get("overhead_prices", {})
     for name, entry in sorted(cache_summary.get("overhead", {}).items()):
         total = rows * int(entry["total"])
         overhead_counts[name] = total
-        price = overhead_unit_macs(name, s)
+        price = prices.get(name)
         if price is None:
             unpriced.append(name)
             price = 0

@@ -10,7 +10,7 @@ How (PROTOCOL.md, "Latency"):
 * the sampling loop (noise → latents, the transformer) is timed apart from end-to-end (labels
   and noise generators + sampling + VAE decode when a VAE is given + copy to host);
 * per (method, batch size): median and spread (quartiles, min, max) of the recorded repeats,
-  images/s, speed-up over the ``full`` row of the same batch size, the MACs speed-up from the
+  images/s, speed-up over the reference (uncached) row of the same batch size, the MACs speed-up from the
   engine's counts (:func:`tokencache.metrics.flops.sampling_macs`) and the realization ratio
   latency speed-up ÷ MACs speed-up (ToCa #11: 2.4× fewer MACs gave 1.07× on a 3090);
 * peak memory of the sampling loop: ``torch.cuda.max_memory_allocated`` on CUDA (reset before each
@@ -33,7 +33,8 @@ happens in the warm-up rounds, whose wall time is reported apart (``compile_warm
 row ``warmup_sampling_s``); ``graphs_compiled_while_timing`` must be 0 for honest numbers. On
 CUDA the loop is also timed with CUDA events (``sampling_event_s``: device time between the
 first and the last kernel the loop queued). Random router / predictor files for timing L2C and
-TokenCache without calibration: :func:`random_calibration`.
+methods with a calibration (router, predictor, fitted coefficients) without one:
+:func:`random_calibration`.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from tokencache.cache import attach, get_method
+from tokencache.cache import attach, get_method, method_class, write_random_calibration
 from tokencache.metrics.flops import cfg_rows_per_image, sampling_macs
 from tokencache.models.compiled import COMPILE_MODES, compiled_branches, graphs_compiled, uses_cuda_graphs
 from tokencache.models.layers import Attention
@@ -276,7 +277,7 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
                     on_run: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Time ``methods`` (``(label, method_name, params)``) interleaved; one row per (method, batch).
 
-    ``sampler`` is the requested sampler (``steps`` runs its reduced one); ``dtype`` None or
+    ``sampler`` is the requested sampler (a method may run another, e.g. fewer steps); ``dtype`` None or
     "float32" runs as is, "bfloat16"/"float16" run the sampling under ``torch.autocast``. The
     weights are used as they are (``weights_dtype`` in the provenance): float32 weights under
     autocast are cast at every call, bfloat16/float16 weights (cast beforehand) are not, and
@@ -294,8 +295,8 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
     repeats, warmup, sampling_s / end_to_end_s ({median, q1, q3, iqr, min, max, values}),
     sampling_event_s (the same from CUDA events; None off CUDA), warmup_sampling_s (the warm-up
     runs' loop times, compile included), images_per_s (batch ÷ median sampling time),
-    images_per_s_end_to_end, speedup and speedup_end_to_end (median of the ``full`` row of this
-    batch size ÷ this median; None without a ``full`` row), macs_per_image,
+    images_per_s_end_to_end, speedup and speedup_end_to_end (median of the reference row of this
+    batch size ÷ this median; None without one), macs_per_image,
     macs_per_image_full, macs_speedup, overhead_macs_per_image, realization_ratio (speedup ÷
     macs_speedup), peak_memory_bytes (median over repeats), memory_kind, vae_decode (bool),
     note, provenance.
@@ -376,7 +377,9 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
             events = [r["sampling_event_s"] for r in runs]
             peaks = [r["peak_memory_bytes"] for r in runs if r["peak_memory_bytes"] is not None]
             rows.append({
-                "label": label, "method": name, "params": dict(params), "model": model_name, "batch_size": b,
+                "label": label, "method": name, "role": summary["role"], "params": dict(params),
+                "resolved": summary["resolved"], "host_sync": summary["host_sync"],
+                "host_syncs_per_run": summary["host_syncs"], "model": model_name, "batch_size": b,
                 "sampler": summary["sampler"], "requested_sampler": summary["requested_sampler"],
                 "cfg_scale": cfg_scale, "repeats": repeats, "warmup": warmup,
                 "sampling_s": sampling, "end_to_end_s": e2e,
@@ -394,10 +397,10 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
 
 
 def _add_speedups(rows: list[dict]) -> None:
-    """Speed-up over the ``full`` row of the same batch size, and the realization ratio."""
+    """Speed-up over the reference (uncached) row of the same batch size, and the realization ratio."""
     full = {}
     for row in rows:
-        if row["method"] == "full":
+        if row["role"] == "reference":
             full.setdefault(row["batch_size"], row)
     for row in rows:
         ref = full.get(row["batch_size"])
@@ -413,55 +416,33 @@ def _add_speedups(rows: list[dict]) -> None:
 
 
 def random_calibration(methods: Sequence[tuple[str, str, dict]], model: torch.nn.Module, sampler: str,
-                       directory, reuse_fraction: float = 0.5, seed: int = 0) -> tuple[list, dict]:
-    """Give ``l2c`` and ``tokencache`` entries without a router / predictor a random one (timing only).
+                       directory, seed: int = 0) -> tuple[list, dict]:
+    """Give every method that needs a calibration file and has none a random one (timing only).
 
-    Latency does not need trained calibration where the cost does not depend on it, so the
-    files are written for ``model`` as it is now (device and weight dtype: the files carry a
-    parameter checksum) into ``directory``:
-
-    * TokenCache predictor: N(0, 1) logits. The tokens computed per step are set by ρ, β and the
-      TPRR schedule, not by the predictor's values (which only pick *which* tokens and blocks),
-      so the MACs and the timing are those of a trained predictor.
-    * L2C router: on every routed step, a random ``reuse_fraction`` of the (block, branch) pairs
-      get logit −5 (σ ≈ 0.007, reused at any θ ≥ 0.01), the others +5. A trained router's reuse
-      fraction depends on its training; the speed-up of this row is that of the stand-in, while
-      its realization ratio (speed-up ÷ MACs speed-up) is comparable.
+    Latency does not need trained calibration where the cost does not depend on it, so each
+    method's :class:`~tokencache.cache.calibration.Calibration` writes a random stand-in of the
+    right shape (its :meth:`~tokencache.cache.calibration.Calibration.random`, documented per
+    method) for ``model`` as it is now (device and weight dtype: the files carry a parameter
+    checksum) into ``directory``. Where the values decide how much is computed (a router's
+    reuse pattern), the row's speed-up is that of the stand-in while its realization ratio
+    (speed-up ÷ MACs speed-up) stays comparable.
 
     Returns the updated method list and {label: note} for :func:`measure_latency`'s ``notes``.
     """
-    from tokencache.cache import save_predictor, save_router
-    from tokencache.cache.router import routed_indices
-
-    if not 0.0 <= reuse_fraction <= 1.0:
-        raise ValueError(f"reuse_fraction must be in [0, 1], got {reuse_fraction}")
     spec = parse_sampler(sampler)
     directory = Path(directory)
-    generator = torch.Generator().manual_seed(seed)
-    blocks, tokens = int(model.block_count), int(model.num_tokens)
     model_name = getattr(model, "config", {}).get("name") or type(model).__name__
     out, notes = [], {}
     for label, name, params in methods:
         params = dict(params)
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{model_name}-{label}")
-        if name == "l2c" and not params.get("router"):
-            logits = torch.full((spec.steps, blocks, 2), 5.0)
-            reused = round(reuse_fraction * blocks * 2)
-            for i in routed_indices(spec.steps):
-                pick = torch.randperm(blocks * 2, generator=generator)[:reused]
-                logits[i].view(-1)[pick] = -5.0
-            path = directory / f"{safe}-random-router-{spec.name}.pt"
-            save_router(path, logits, model, spec, training={"random": True, "reuse_fraction": reuse_fraction,
-                                                             "seed": seed, "purpose": "latency only"})
-            params["router"] = str(path)
-            notes[label] = f"random router (timing only): {reuse_fraction:.0%} of routed branches reused"
-        elif name == "tokencache" and not params.get("predictor"):
-            logits = torch.randn(spec.steps, blocks, tokens, generator=generator)
-            path = directory / f"{safe}-random-predictor-{spec.name}.pt"
-            save_predictor(path, logits, model, spec, training={"random": True, "seed": seed,
-                                                                "purpose": "latency only"})
-            params["predictor"] = str(path)
-            notes[label] = "random predictor (timing only; token counts do not depend on it)"
+        calibration = method_class(name).calibration
+        if calibration is not None and not params.get(calibration.file_param):
+            method = get_method(name, **params)
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{model_name}-{label}")
+            path = directory / f"{safe}-random-{calibration.file_param}-{spec.name}.pt"
+            params[calibration.file_param] = write_random_calibration(method, model, spec, path, seed=seed)
+            first_line = (calibration.random.__doc__ or "").strip().splitlines()[0:1]
+            notes[label] = f"random {calibration.title} (timing only)" + (f": {first_line[0]}" if first_line else "")
         out.append((label, name, params))
     return out, notes
 

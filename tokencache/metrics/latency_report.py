@@ -136,7 +136,7 @@ def write_latency_report(paths: Iterable[PathLike], out_dir: PathLike) -> dict:
                          if (r.get("provenance", {}).get("graphs_compiled_while_timing") or 0) > 0})
     lines = ["# Latency", "",
              "Sampling loop (transformer, CFG included) timed side by side in one process; median of the "
-             "repeats, IQR beside it. speedup: over `full` at the same batch size; macs_speedup: from the "
+             "repeats, IQR beside it. speedup: over the uncached reference at the same batch size; macs_speedup: from the "
              "engine's token counts; realization_ratio = speedup ÷ macs_speedup. Plot: "
              f"[{plot.name}]({plot.name}).", ""]
     if recompiled:

@@ -115,7 +115,7 @@ def evaluate_quality(
 def evaluate_run(samples: str | os.PathLike, reference_path: str | os.PathLike, features: str = "inception",
                  weights_path: str | os.PathLike | None = None, fidelity_to: str | os.PathLike | None = None,
                  batch_size: int = 64, device: str | None = None) -> dict:
-    """:func:`evaluate_quality` of a sample npz, plus its fidelity to the ``full`` run's images.
+    """:func:`evaluate_quality` of a sample npz, plus its fidelity to the uncached run's images.
 
     ``fidelity_to``: the npz of the uncached run with the same seed and sample count; adds
     ``psnr_to_full``, ``ssim_to_full`` and that file's sha256.

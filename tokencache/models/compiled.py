@@ -7,7 +7,7 @@ token counts, the method's own state). Compiled into one graph, the step number 
 and the engine's side effects would be traced. So the unit compiled is what the engine treats
 as opaque: each block's attention branch ``Attn(modulate(LN(h)))`` and MLP branch
 ``MLP(modulate(LN(h)))`` (:meth:`TransformerBlock.attn_branch` / ``mlp_branch``), the same for
-every method, ``full`` included, so that methods are compared at one compile granularity. The
+every method, the uncached reference included, so that methods are compared at one compile granularity. The
 engine, the adaLN modulation, the gated residual adds and the embedders stay eager.
 
 One compiled function serves all blocks (the block is an argument), and shapes become dynamic

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from tokencache.models.layers import (
+    BlockCall,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
@@ -64,6 +65,11 @@ class DiT(nn.Module):
         """Number of transformer blocks a cache context sees (indices 0 … block_count−1)."""
         return len(self.blocks)
 
+    @property
+    def skip_partners(self) -> dict[int, int]:
+        """Long skips {block that pushes: block that pops}: none in DiT."""
+        return {}
+
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, fixed sin-cos pos_embed, zeroed adaLN and output layers."""
         xavier_init_linears(self)
@@ -88,10 +94,7 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for i, block in enumerate(self.blocks):
-            if ctx is None:
-                x = block(x, c)
-            else:
-                x = ctx.block(i, lambda h, block=block, i=i: block(h, c, ctx=ctx, index=i), x)
+            x = block(x, c) if ctx is None else ctx.block(i, BlockCall(block, i, c, ctx), x)
         x = self.final_layer(x, c)
         return unpatchify(x, self.patch_size, self.out_channels)
 

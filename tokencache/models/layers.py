@@ -31,13 +31,41 @@ class CacheContext(Protocol):
 
     ``branch(block, name, fn, x)`` must return ``fn(x)``'s value (the pre-gate output of branch
     ``name`` of block ``block`` for all tokens), computed, reused or partly recomputed as the
-    attached method decides. ``fn(x, tokens)`` computes the branch for the token subset
-    ``tokens`` (B, k) only. ``block(index, fn, x)`` must return ``fn(x)``, the block's output.
+    attached method decides. ``fn(x, tokens=…)`` computes the branch for the token subset
+    ``tokens`` (B, k) only, ``fn(x, rows=…)`` for the batch rows ``rows`` of ``x`` only.
+    ``block(index, call, x)`` must return ``call(x)``, the block's output (a :class:`BlockCall`).
     """
 
     def branch(self, block: int, name: str, fn: BranchFn, x: torch.Tensor) -> torch.Tensor: ...
 
-    def block(self, index: int, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor: ...
+    def block(self, index: int, call: "BlockCall", x: torch.Tensor) -> torch.Tensor: ...
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose result for a sample never depends on the rest of the batch.
+
+    CPU matrix-multiply kernels choose their code path, and so the rounding of each dot product,
+    from the matrix shape: a linear layer over the B·T rows of a batch gives a sample other last
+    bits when B·T is small or odd (one row per sample in the timestep embedder and the adaLN
+    modulations, k rows per sample in a token subset). In inference on the CPU every sample gets
+    its own product instead (one batched matmul against the shared weight, the same MACs), so a
+    sample's result depends only on its own inputs, at any batch size and thread count. With
+    gradients, and on other devices, it is the plain ``F.linear``.
+    """
+    if x.device.type != "cpu" or x.dim() < 2 or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    rows = x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+    out = torch.bmm(rows, weight.t().expand(rows.shape[0], -1, -1))
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) computed per sample: see :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -75,9 +103,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
+            Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
         self._freqs: Optional[torch.Tensor] = None  # frequencies(…) on the device last used
@@ -181,8 +209,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.rel_pos_bias = RelativePositionBias(rel_pos_window, num_heads) if rel_pos_window else None
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -219,8 +247,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).split(d, dim=-1)
         else:
             weight, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(gather_tokens(x, query_index), weight[:d], None if bias is None else bias[:d])
-            k, v = F.linear(x, weight[d:], None if bias is None else bias[d:]).split(d, dim=-1)
+            q = linear(gather_tokens(x, query_index), weight[:d], None if bias is None else bias[:d])
+            k, v = linear(x, weight[d:], None if bias is None else bias[d:]).split(d, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         attn_bias = self._bias(b, query_index, token_ids)
         if return_attention:
@@ -260,9 +288,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = TanhGELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -288,8 +316,8 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, rel_pos_window=rel_pos_window)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-        self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.skip_linear = Linear(2 * hidden_size, hidden_size) if skip else None
 
     def attn_branch(self, h, shift, scale, tokens=None, token_ids=None, return_attention=False):
         """Attention branch before its gate: Attn(modulate(LN(h))), optionally for ``tokens`` only.
@@ -306,16 +334,25 @@ class TransformerBlock(nn.Module):
             h = gather_tokens(h, tokens)
         return self.mlp(modulate(self.norm2(h), shift, scale))
 
+    def attention_input(self, x, c, skip=None):
+        """The timestep-modulated input of the attention branch, modulate(LN(x), shift, scale)."""
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift_msa, scale_msa = self.adaLN_modulation(c).chunk(6, dim=1)[:2]
+        return modulate(self.norm1(x), shift_msa, scale_msa)
+
     def forward(self, x, c, skip=None, token_ids=None, ctx: Optional[CacheContext] = None, index: int = 0):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
 
-        def attn_branch(h, tokens=None, return_attention=False):
-            return self.attn_branch(h, shift_msa, scale_msa, tokens, token_ids, return_attention)
+        def attn_branch(h, tokens=None, return_attention=False, rows=None):
+            shift, scale = (shift_msa, scale_msa) if rows is None else (shift_msa[rows], scale_msa[rows])
+            return self.attn_branch(h, shift, scale, tokens, token_ids, return_attention)
 
-        def mlp_branch(h, tokens=None):
-            return self.mlp_branch(h, shift_mlp, scale_mlp, tokens)
+        def mlp_branch(h, tokens=None, rows=None):
+            shift, scale = (shift_mlp, scale_mlp) if rows is None else (shift_mlp[rows], scale_mlp[rows])
+            return self.mlp_branch(h, shift, scale, tokens)
 
         if ctx is None:
             x = x + gate_msa.unsqueeze(1) * attn_branch(x)
@@ -324,14 +361,51 @@ class TransformerBlock(nn.Module):
         return x + gate_mlp.unsqueeze(1) * ctx.branch(index, "mlp", mlp_branch, x)
 
 
+class BlockCall:
+    """One block of one forward, as a cache context sees it.
+
+    ``call(h)`` runs the block on ``h`` with its side inputs — the conditioning ``c``, MDTv2's
+    long ``skip``, the decoder position embedding ``add_pos`` added to its input, MDT's training
+    ``token_ids`` — and ``call(h, rows)`` on the batch rows ``rows`` (int64 (b,)) only, where
+    ``h`` holds just those rows. ``attention_input(h)`` is the block's timestep-modulated
+    attention input (what TeaCache measures). The model builds one per block and forward; it
+    knows nothing of what the context decides.
+    """
+
+    __slots__ = ("block", "index", "c", "skip", "add_pos", "token_ids", "ctx")
+
+    def __init__(self, block: TransformerBlock, index: int, c: torch.Tensor, ctx: CacheContext,
+                 skip: Optional[torch.Tensor] = None, add_pos: Optional[torch.Tensor] = None,
+                 token_ids: Optional[torch.Tensor] = None):
+        self.block, self.index, self.c, self.ctx = block, index, c, ctx
+        self.skip, self.add_pos, self.token_ids = skip, add_pos, token_ids
+
+    def _inputs(self, h, rows):
+        c, skip = self.c, self.skip
+        if rows is not None:
+            c = c[rows]
+            skip = None if skip is None else skip[rows]
+        if self.add_pos is not None:
+            h = h + self.add_pos
+        return h, c, skip
+
+    def __call__(self, h: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h, c, skip = self._inputs(h, rows)
+        return self.block(h, c, skip=skip, token_ids=self.token_ids, ctx=self.ctx, index=self.index)
+
+    def attention_input(self, h: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h, c, skip = self._inputs(h, rows)
+        return self.block.attention_input(h, c, skip)
+
+
 class FinalLayer(nn.Module):
     """LayerNorm → adaLN (shift, scale) → Linear to p²·out_channels per token."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)

@@ -11,7 +11,7 @@ is masked and the side block is not run. ``forward(..., enable_mask=True)`` is t
 
 Block indices seen by a cache context follow execution order: v1 ``blocks`` 0…depth−1; v2
 ``en_inblocks`` 0…h−1, ``en_outblocks`` h…2h−1, ``de_blocks`` 2h…2h+decode_layer−1. The
-decoder position embedding is added inside the first decoder block's function, so a span of
+decoder position embedding is added by the first decoder block's call (``BlockCall.add_pos``), so a span of
 blocks reused through its residual (DeepCache) carries it with the rest.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from tokencache.models.dit import cfg_forward
 from tokencache.models.layers import (
+    BlockCall,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
@@ -106,6 +107,12 @@ class _MDTBase(nn.Module):
     def block_count(self) -> int:
         return len(list(self._all_blocks()))
 
+    @property
+    def skip_partners(self) -> dict[int, int]:
+        """Long skips {block that pushes: block that pops}: MDTv2 pairs encoder block j with 2h−1−j."""
+        half = getattr(self, "half_depth", None)
+        return {} if half is None else {j: 2 * half - 1 - j for j in range(half)}
+
     def random_masking(self, x: torch.Tensor, mask_ratio):
         """Keep a random ``1 − mask_ratio`` of each sample's tokens (MAE's argsort of noise).
 
@@ -133,9 +140,11 @@ class _MDTBase(nn.Module):
         mask = mask.unsqueeze(-1)
         return x * mask + (1 - mask) * before
 
-    def _run(self, index: int, fn, x: torch.Tensor) -> torch.Tensor:
-        ctx = self.cache_context
-        return fn(x, None) if ctx is None else ctx.block(index, lambda h: fn(h, ctx), x)
+    def _run(self, index: int, block: TransformerBlock, x: torch.Tensor, c: torch.Tensor, skip=None, add_pos=None,
+             token_ids=None) -> torch.Tensor:
+        """Block ``index`` on ``x``, through the cache context when one is attached."""
+        call = BlockCall(block, index, c, self.cache_context, skip=skip, add_pos=add_pos, token_ids=token_ids)
+        return call(x) if self.cache_context is None else self.cache_context.block(index, call, x)
 
     def forward_with_cfg(self, x, t, y, cfg_scale=None, diffusion_steps: int = 1000, scale_pow: float = 4.0):
         """CFG with MDT's power-cosine ramp; ``cfg_scale=None`` runs the plain forward."""
@@ -173,13 +182,7 @@ class MDT(_MDTBase):
                 x = self.forward_side_interpolater(x, c, mask, ids_restore)
                 ids_keep = None
             add_pos = self.decoder_pos_embed if (i == border and not masked) else None
-
-            def fn(h, ctx, block=block, i=i, add_pos=add_pos, ids=ids_keep):
-                if add_pos is not None:
-                    h = h + add_pos
-                return block(h, c, token_ids=ids, ctx=ctx, index=i)
-
-            x = self._run(i, fn, x)
+            x = self._run(i, block, x, c, add_pos=add_pos, token_ids=ids_keep)
         return unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)
 
 
@@ -217,24 +220,17 @@ class MDTv2(_MDTBase):
         skips = []
         index = 0
         for block in self.en_inblocks:
-            x = self._run(index, lambda h, ctx, b=block, i=index: b(h, c, token_ids=ids_keep, ctx=ctx, index=i), x)
+            x = self._run(index, block, x, c, token_ids=ids_keep)
             skips.append(x)
             index += 1
         for block in self.en_outblocks:
             skip = skips.pop()
-            x = self._run(index, lambda h, ctx, b=block, i=index, s=skip: b(h, c, skip=s, token_ids=ids_keep,
-                                                                            ctx=ctx, index=i), x)
+            x = self._run(index, block, x, c, skip=skip, token_ids=ids_keep)
             index += 1
         if masked:
             x = self.forward_side_interpolater(x, c, mask, ids_restore)
         for j, block in enumerate(self.de_blocks):
             add_pos = self.decoder_pos_embed if (j == 0 and not masked) else None
-
-            def fn(h, ctx, b=block, i=index, add_pos=add_pos):
-                if add_pos is not None:
-                    h = h + add_pos
-                return b(h, c, skip=input_skip, ctx=ctx, index=i)
-
-            x = self._run(index, fn, x)
+            x = self._run(index, block, x, c, skip=input_skip, add_pos=add_pos)
             index += 1
         return unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)

@@ -95,28 +95,58 @@ def sampler_options(wildcards):
 
 
 METHODS = config["methods"]
-if "full" not in METHODS or METHODS["full"]["method"] != "full":
-    raise ValueError("config: methods must contain `full: {method: full}` (every method's fidelity reference)")
 
 
-#: method parameters whose value "auto" stands for a file the workflow trains per model and sampler
-TRAINED = {"router": "routers", "predictor": "predictors"}
+def method_of(label):
+    """(method name, parameters) of run ``label``: ``method: NAME[:k=v,…]`` plus an optional ``params:`` mapping."""
+    from tokencache.cache import parse_method_spec
+
+    spec = METHODS[label]
+    params = dict(spec.get("params", {}))
+    files = {k: v for k, v in params.items() if v == "auto"}  # filled in per model and sampler below
+    name, given = parse_method_spec(spec["method"])
+    return name, {**given, **{k: v for k, v in params.items() if k not in files}, **files}
+
+
+def calibration_param(name):
+    """The parameter of method ``name`` that takes a calibration file, or None."""
+    from tokencache.cache import method_class
+
+    calibration = method_class(name).calibration
+    return None if calibration is None else calibration.file_param
+
+
+def calibration_id(label):
+    """The calibration artefact run ``label`` needs from the workflow (its ``FILE: auto``), or None."""
+    from tokencache.cache import get_method
+
+    name, params = method_of(label)
+    key = calibration_param(name)
+    if key is None or params.get(key) != "auto":
+        return None
+    return get_method(name, **{k: v for k, v in params.items() if k != key}).calibration_id()
 
 
 def check_methods():
-    """Unknown methods or parameters fail here, before any job runs (plugins in baselines/ included)."""
-    from tokencache.cache import get_method
+    """Unknown methods or parameters fail here, before any job runs (plugins included)."""
+    from tokencache.cache import get_method, reference_method
 
+    reference = reference_method()
+    if "full" not in METHODS or method_of("full")[0] != reference:
+        raise ValueError(f"config: methods must contain `full: {{method: {reference}}}` (every method's fidelity "
+                         "reference)")
     for label, spec in METHODS.items():
-        # "auto" marks a file the workflow trains (router, predictor): any path string validates
-        params = {k: ("<made by the workflow>" if v == "auto" and k in TRAINED else v)
-                  for k, v in spec.get("params", {}).items()}
         for key, known in (("models", BACKBONES), ("samplers", SAMPLERS)):
             unknown = sorted(set(spec.get(key, known)) - set(known))
             if unknown:
                 raise ValueError(f"config: methods.{label}.{key}: {unknown[0]!r} is not in {key} ({', '.join(known)})")
         try:
-            get_method(spec["method"], **params)
+            name, params = method_of(label)
+            key = calibration_param(name)
+            for k, v in params.items():
+                if v == "auto" and k != key:
+                    raise ValueError(f"{name}: parameter {k} cannot be auto (only {key or 'a calibration file'})")
+            get_method(name, **{k: ("<made by the workflow>" if v == "auto" else v) for k, v in params.items()})
         except (ValueError, RuntimeError) as exc:
             raise ValueError(f"config: methods.{label}: {exc}") from None
 
@@ -126,9 +156,26 @@ for _preset in BACKBONES:
     backbone_checkpoint(_preset)  # a wrong `checkpoint:` fails here, before any job runs
 
 
-def trained_path(kind, model, sampler):
-    """Where the workflow writes the L2C router / TokenCache predictor of a model and sampler."""
-    return f"{RESULTS}/{TRAINED[kind]}/{model}/{sampler}.pt"
+def calibration_path(calibration, model, sampler):
+    """Where the workflow writes calibration ``calibration`` (an id) of a model and sampler."""
+    return f"{RESULTS}/calibration/{model}/{sampler}/{calibration}.pt"
+
+
+def calibration_method(calibration):
+    """``NAME:k=v`` of a run that needs calibration ``calibration`` (the file parameter left out)."""
+    from tokencache.cache.registry import method_spec
+
+    for label in METHODS:
+        if calibration_id(label) == calibration:
+            name, params = method_of(label)
+            return method_spec(name, {k: v for k, v in params.items() if k != calibration_param(name)})
+    raise ValueError(f"no run needs calibration {calibration!r}")
+
+
+def calibration_settings(calibration):
+    """The config's training settings of calibration ``calibration`` (``calibration: {id: {…}}``)."""
+    settings = config.get("calibration", {}).get(calibration, {})
+    return " ".join(f"{k}={v}" for k, v in settings.items())
 
 
 def vae_inputs(model):
@@ -138,25 +185,21 @@ def vae_inputs(model):
 
 
 def method_inputs(wildcards):
-    """Files a run needs beyond the checkpoint (a trained router or predictor for =auto, the VAE)."""
-    params = METHODS[wildcards.method].get("params", {})
-    trained = [trained_path(k, wildcards.model, wildcards.sampler) for k in TRAINED if params.get(k) == "auto"]
-    return trained + vae_inputs(wildcards.model)
+    """Files a run needs beyond the checkpoint (a calibration for ``FILE: auto``, the VAE)."""
+    calibration = calibration_id(wildcards.method)
+    made = [calibration_path(calibration, wildcards.model, wildcards.sampler)] if calibration else []
+    return made + vae_inputs(wildcards.model)
 
 
 def method_options(wildcards):
-    spec = METHODS[wildcards.method]
-    params = dict(spec.get("params", {}))
-    for kind in TRAINED:
-        if params.get(kind) == "auto":
-            params[kind] = trained_path(kind, wildcards.model, wildcards.sampler)
-    sets = " ".join(f"{k}={v}" for k, v in params.items())
-    return f"--method {spec['method']}" + (f" --set {sets}" if sets else "")
+    """``--method NAME:k=v,…`` of a run, with its calibration file where the workflow makes it."""
+    from tokencache.cache.registry import method_spec
 
-
-def trained_options(kind):
-    """The config's training settings of a router or predictor as command-line options."""
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.get(kind, {}).items())
+    name, params = method_of(wildcards.method)
+    calibration = calibration_id(wildcards.method)
+    if calibration:
+        params[calibration_param(name)] = calibration_path(calibration, wildcards.model, wildcards.sampler)
+    return f"--method {method_spec(name, params)}"
 
 
 def torch_threads(n):
@@ -177,33 +220,42 @@ def run_dirs(methods=None):
             if runs_method(label, m, s)]
 
 
-def predictor_files():
-    """The TokenCache predictor files the runs use (trained ones for ``predictor: auto``), sorted."""
+def calibration_files():
+    """The calibration files the runs use (made by the workflow for ``auto``, or given), sorted."""
     files = set()
     for m in MODEL_IDS:
         for s in SAMPLERS:
-            for label, spec in METHODS.items():
-                path = spec.get("params", {}).get("predictor")
-                if path is not None and runs_method(label, m, s):
-                    files.add(trained_path("predictor", m, s) if path == "auto" else path)
+            for label in METHODS:
+                if not runs_method(label, m, s):
+                    continue
+                name, params = method_of(label)
+                key = calibration_param(name)
+                if key is None or not params.get(key):
+                    continue
+                calibration = calibration_id(label)
+                files.add(calibration_path(calibration, m, s) if calibration else params[key])
     return sorted(files)
 
 
-#: TokenCache parameters varied by the ablation (a label setting any of them is an ablation run)
-ABLATION_KEYS = ("token_choice", "block_selection", "k1", "k2")
-
-
 def ablation_labels():
-    """Labels of TokenCache runs that set an ablation parameter (token choice, block selection, schedule)."""
-    return [label for label, spec in METHODS.items()
-            if spec["method"] == "tokencache" and any(k in spec.get("params", {}) for k in ABLATION_KEYS)]
+    """Labels of the ablation table's runs (``ablation:`` in the config): variants of one method."""
+    labels = list(config.get("ablation", []))
+    unknown = [label for label in labels if label not in METHODS]
+    if unknown:
+        raise ValueError(f"config: ablation: {unknown[0]!r} is not a label of methods")
+    if len({method_of(label)[0] for label in labels}) > 1:
+        raise ValueError("config: ablation: the labels must be variants of one method")
+    return labels
+
+
+ablation_labels()
 
 
 def plot_outputs():
-    """The figures of the ``plots`` rule (name → path); the importance maps only when predictors exist."""
+    """The figures of the ``plots`` rule (name → path); what was calibrated only when calibrations exist."""
     names = ["pareto_macs", "pareto_latency", "pareto_psnr", "macs_vs_fid", "token_fraction"]
-    if predictor_files():
-        names.append("predictor_importance")
+    if calibration_files():
+        names.append("calibration")
     return {name: f"{RESULTS}/plots/{name}.png" for name in names}
 
 

@@ -1,5 +1,5 @@
 # Reporting stage: tables and plots read only the small JSON/CSV files of the runs (and, for the
-# importance maps, the predictor files). Everything marked report(...) goes into
+# calibration figures, the calibration files). Everything marked report(...) goes into
 # `snakemake --report report.html`, under its category, with the caption in workflow/report/.
 
 
@@ -29,7 +29,7 @@ PLOT_CAPTIONS = {
     "pareto_psnr": "pareto_psnr.rst",
     "macs_vs_fid": "macs_vs_fid.rst",
     "token_fraction": "token_fraction.rst",
-    "predictor_importance": "predictor_importance.rst",
+    "calibration": "calibration.rst",
 }
 
 
@@ -37,7 +37,7 @@ rule plots:
     input:
         table=rules.tables.output.csv,
         runs=[f"{d}/run.json" for d in run_dirs()],
-        predictors=predictor_files(),
+        calibrations=calibration_files(),
     output:
         **{name: report(path, category="Plots", caption=f"../report/{PLOT_CAPTIONS[name]}")
            for name, path in plot_outputs().items()},

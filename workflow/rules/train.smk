@@ -1,4 +1,5 @@
-# Training stage: the testbed backbones and the digits evaluator (Inception's stand-in).
+# Training stage: the testbed backbones, the digits evaluator (Inception's stand-in) and the methods'
+# calibrations (trained or fitted parts: L2C's router, TokenCache's predictor, …).
 
 
 rule train_backbone:
@@ -45,37 +46,22 @@ rule reference_batch:
         "tokencache reference --features digits --weights {input.net} --out {output.ref} --json > {log} 2>&1"
 
 
-rule train_router:
+rule calibrate:
+    # one rule for every method with a trained or fitted part (its calibration, from the method class)
     input:
         ckpt=checkpoint_path,
     output:
-        router=f"{RESULTS}/routers/{{model}}/{{sampler}}.pt",
+        file=f"{RESULTS}/calibration/{{model}}/{{sampler}}/{{calibration}}.pt",
     log:
-        f"{RESULTS}/logs/train_router/{{model}}/{{sampler}}.log",
+        f"{RESULTS}/logs/calibrate/{{model}}/{{sampler}}/{{calibration}}.log",
     params:
         opts=sampler_options,
-        router=trained_options("router"),
+        method=lambda w: calibration_method(w.calibration),
+        settings=lambda w: calibration_settings(w.calibration),
     threads: THREADS
     resources:
         gpu=1 if config["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} tokencache train-router --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
-        "{params.opts} {params.router} --out {output.router} --quiet --json > {log} 2>&1"
-
-
-rule train_predictor:
-    input:
-        ckpt=checkpoint_path,
-    output:
-        predictor=f"{RESULTS}/predictors/{{model}}/{{sampler}}.pt",
-    log:
-        f"{RESULTS}/logs/train_predictor/{{model}}/{{sampler}}.log",
-    params:
-        opts=sampler_options,
-        predictor=trained_options("predictor"),
-    threads: THREADS
-    resources:
-        gpu=1 if config["device"] == "cuda" else 0,
-    shell:
-        "OMP_NUM_THREADS={threads} tokencache train-predictor --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
-        "{params.opts} {params.predictor} --out {output.predictor} --quiet --json > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} tokencache calibrate --method {params.method} --checkpoint {input.ckpt} "
+        "--sampler {wildcards.sampler} {params.opts} --settings {params.settings} --out {output.file} --quiet --json "
+        "> {log} 2>&1"

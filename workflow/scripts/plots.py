@@ -3,16 +3,16 @@
 * ``pareto_macs.png`` / ``pareto_latency.png``: speed-up (MACs / measured latency) against FID,
   one panel per model and sampler, one curve per *method* through its run labels (a sweep over
   caching strength; a label is written beside its point unless it is the method's name) in order
-  of speed-up. ``steps`` (fewer sampling steps, starting from the
-  full model) is the reference curve every cache has to beat; ``full`` is the star at 1×. The
-  Pareto front of all points of a panel (nothing is both faster and better) is the thick band.
-* ``pareto_psnr.png``: MACs speed-up against PSNR to the ``full`` run's images (fidelity; the
+  of speed-up. The method whose role is "fewer-steps" (starting from the uncached model) is the
+  dashed grey curve every cache has to beat; the "reference" (uncached) run is the star at 1×.
+  The Pareto front of all points of a panel (nothing is both faster and better) is the thick band.
+* ``pareto_psnr.png``: MACs speed-up against PSNR to the reference run's images (fidelity; the
   metric that separates methods on the testbed, where FID of a few hundred samples is noisy).
 * ``macs_vs_fid.png``: MACs per generated image (CFG included) against FID, the same curves.
 * ``token_fraction.png``: per sampling step, the fraction of tokens a run computed (attention
   and MLP of every block; 1 = a full step), one row per model and sampler, one column per method.
-* ``predictor_importance.png`` (only when TokenCache predictors exist): each Cache Predictor's
-  importance w averaged over tokens, block × sampling step.
+* ``calibration.png`` (only when runs use calibration files): what each trained or fitted part
+  learned, one panel per file, drawn by its method's calibration (``Calibration.figure``).
 
 Every figure is written atomically (a temporary file, then a rename).
 """
@@ -31,9 +31,10 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator  # noqa: E402
 
-#: methods drawn in this order and style; any other method gets the next palette colour
-FIRST_METHODS = ["full", "steps"]
-FIXED_COLOURS = {"full": "black", "steps": "0.45"}
+#: roles drawn first and in a fixed colour; every other method gets the next palette colour
+FIRST_ROLES = ["reference", "fewer-steps"]
+ROLE_COLOURS = {"reference": "black", "fewer-steps": "0.45"}
+ROLE_LEGEND = {"reference": "(no caching)", "fewer-steps": "(fewer sampling steps)"}
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">"]
 
@@ -58,19 +59,22 @@ def load_points(table_csv, run_paths) -> tuple[pd.DataFrame, dict]:
     for path in run_paths:
         parts = Path(path).parts
         runs[(parts[-4], parts[-3], parts[-2])] = json.loads(Path(path).read_text())
-    keys = zip(table.model, table.sampler, table.label)
+    keys = list(zip(table.model, table.sampler, table.label))
     table["method"] = [runs[key]["cache"]["method"] for key in keys]
+    table["role"] = [runs[key]["cache"].get("role", "cache") for key in keys]
     return table, runs
 
 
-def method_styles(methods) -> dict:
-    """Method → (colour, marker), the same in every figure; ``full`` black, ``steps`` grey."""
-    ordered = [m for m in FIRST_METHODS if m in methods] + sorted(set(methods) - set(FIRST_METHODS))
+def method_styles(table: pd.DataFrame) -> dict:
+    """Method → (colour, marker, role), the same in every figure; the reference black, fewer steps grey."""
+    roles = dict(zip(table.method, table.role))
+    first = [m for role in FIRST_ROLES for m in sorted(roles) if roles[m] == role]
+    ordered = first + sorted(set(roles) - set(first))
     palette = iter(sns.color_palette("colorblind", n_colors=max(1, len(ordered))))
     styles = {}
     for i, method in enumerate(ordered):
-        colour = FIXED_COLOURS.get(method) or next(palette)
-        styles[method] = (colour, "*" if method == "full" else MARKERS[i % len(MARKERS)])
+        colour = ROLE_COLOURS.get(roles[method]) or next(palette)
+        styles[method] = (colour, "*" if roles[method] == "reference" else MARKERS[i % len(MARKERS)], roles[method])
     return styles
 
 
@@ -115,7 +119,7 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
 
     ``maximize_x``: True for a speed-up (1× = full, better to the right), False for MACs.
     ``y`` = "fid" (lower is better) or "psnr_to_full" (fidelity to the uncached images, higher is
-    better; the ``full`` run itself has none and identical runs are infinite, so both are left out).
+    better; the reference run itself has none and identical runs are infinite, so both are left out).
     """
     higher_is_better = y != "fid"
     models, samplers = panels(table)
@@ -133,16 +137,16 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
             front = sub.iloc[pareto_front(sub[x].to_numpy(), sign * sub[y].to_numpy(), maximize_x)]
             ax.plot(front[x], front[y], color="gold", lw=9, alpha=0.45, solid_capstyle="round", zorder=1)
             ax.scatter(front[x], front[y], s=260, color="gold", alpha=0.6, lw=0, zorder=1)
-            full = sub[sub.method == "full"]
-            for method, (colour, marker) in styles.items():
+            full = sub[sub.role == "reference"]
+            for method, (colour, marker, role) in styles.items():
                 curve = sub[sub.method == method]
-                if curve.empty or method == "full":
+                if curve.empty or role == "reference":
                     continue
-                if method == "steps" and not higher_is_better:  # fewer steps start from the full model
+                if role == "fewer-steps" and not higher_is_better:  # fewer steps start from the full model
                     curve = pd.concat([full, curve])
                 curve = curve.sort_values(x)
                 ax.plot(curve[x], curve[y], color=colour, marker=marker, ms=6, lw=1.6, zorder=3,
-                        ls="--" if method == "steps" else "-")
+                        ls="--" if role == "fewer-steps" else "-")
                 for _, p in curve[(curve.method == method) & (curve.label != method)].iterrows():
                     ax.annotate(p.label, (p[x], p[y]), xytext=(4, 3), textcoords="offset points", fontsize=7,
                                 color="0.3")
@@ -154,10 +158,10 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
             ax.set_title(f"{model} · {sampler}")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-    handles = [Line2D([], [], color=colour, marker=marker, ms=12 if method == "full" else 6,
-                      ls="none" if method == "full" else ("--" if method == "steps" else "-"),
-                      label={"full": "full (no caching)", "steps": "steps (fewer sampling steps)"}.get(method, method))
-               for method, (colour, marker) in styles.items()]
+    handles = [Line2D([], [], color=colour, marker=marker, ms=12 if role == "reference" else 6,
+                      ls="none" if role == "reference" else ("--" if role == "fewer-steps" else "-"),
+                      label=f"{method} {ROLE_LEGEND[role]}" if role in ROLE_LEGEND else method)
+               for method, (colour, marker, role) in styles.items()]
     handles.append(Line2D([], [], color="gold", lw=9, alpha=0.45, label="Pareto front (all points)"))
     fig.legend(handles=handles, loc="outside right center", title="method", frameon=False)
     fig.suptitle(title, fontsize=14)
@@ -167,23 +171,25 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
 def token_fraction_figure(table: pd.DataFrame, runs: dict, styles: dict, out) -> None:
     """Per-step fraction of computed tokens: rows = model · sampler, columns = caching methods.
 
-    ``full`` is the reference line at 1; ``steps`` is left out (it computes every token of fewer
-    steps: its saving is in the step count, not in tokens).
+    The reference (uncached) run is the dotted line at 1; fewer steps are left out (they compute
+    every token of fewer steps: the saving is in the step count, not in tokens).
     """
-    methods = [m for m in styles if m not in ("full", "steps")]
+    methods = [m for m, style in styles.items() if style[2] == "cache"]
+    reference = [m for m, style in styles.items() if style[2] == "reference"]
     combos = list(dict.fromkeys(zip(table.model, table.sampler)))
     if not methods:
-        methods = ["full"]
+        methods = reference
     fig, axes = plt.subplots(len(combos), len(methods), figsize=(3.6 * len(methods), 3.0 * len(combos) + 0.6),
                              squeeze=False, sharey=True, constrained_layout=True)
     for r, (model, sampler) in enumerate(combos):
         for c, method in enumerate(methods):
             ax = axes[r, c]
             sub = table[(table.model == model) & (table.sampler == sampler) & (table.method == method)]
-            full = runs.get((model, sampler, "full"))
-            if full is not None:
-                steps = len(full["cache"]["per_step"]["token_fraction"])
-                ax.plot([1, steps], [1, 1], color="black", lw=1, ls=":", label="full")
+            full = table[(table.model == model) & (table.sampler == sampler) & (table.role == "reference")]
+            if not full.empty:
+                label = full.label.iloc[0]
+                steps = len(runs[(model, sampler, label)]["cache"]["per_step"]["token_fraction"])
+                ax.plot([1, steps], [1, 1], color="black", lw=1, ls=":", label=label)
             for i, label in enumerate(sub.label):
                 fraction = runs[(model, sampler, label)]["cache"]["per_step"]["token_fraction"]
                 ax.plot(np.arange(1, len(fraction) + 1), fraction, drawstyle="steps-mid", color=styles[method][0],
@@ -201,48 +207,40 @@ def token_fraction_figure(table: pd.DataFrame, runs: dict, styles: dict, out) ->
     save_atomic(fig, out)
 
 
-def importance_figure(predictors: list[str], out) -> None:
-    """Each Cache Predictor's importance w, mean over tokens, as a block × step heat-map."""
-    from tokencache.cache.predictor import importance
+def calibration_figure(files: list[str], out) -> None:
+    """One panel per calibration file, drawn by the calibration of the method that made it."""
+    from tokencache.cache import method_class
+    from tokencache.cache.calibration import read_calibration_file
 
-    n = len(predictors)
+    n = len(files)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 1.2, 3.6 * rows), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols + 1.2, 3.6 * rows), squeeze=False,
                              constrained_layout=True)
-    image = None
-    for ax, path in zip(axes.flat, predictors):
-        w = importance(path).mean(dim=2).numpy()  # (steps, blocks)
-        image = ax.imshow(w.T, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0,
-                          extent=(0.5, w.shape[0] + 0.5, -0.5, w.shape[1] - 0.5), interpolation="nearest")
-        ax.grid(False)
+    drawn = 0
+    for ax, path in zip(axes.flat, files):
+        record = read_calibration_file(path)
         parts = Path(path).parts
-        ax.set_title(f"{parts[-2]} · {Path(path).stem}" if len(parts) >= 2 else Path(path).name)
-        ax.set_xlabel("sampling step (1 = noisiest)")
-        ax.set_ylabel("block")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        title = f"{parts[-3]} · {parts[-2]} · {record['variant']}" if len(parts) >= 3 else Path(path).name
+        calibration = method_class(record["method"]).calibration()
+        ax.grid(False)
+        if calibration.figure(record["tensors"], ax, title):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            drawn += 1
+        else:
+            ax.set_axis_off()
     for ax in list(axes.flat)[n:]:
         ax.set_axis_off()
-    if image is not None:
-        fig.colorbar(image, ax=axes, label="mean importance w over tokens", shrink=0.9)
-    fig.suptitle("TokenCache predictor importance (high: the block's tokens are worth recomputing)",
-                 fontsize=13)
+    fig.suptitle("What the calibrated methods learned (one panel per model · sampler · calibration)", fontsize=13)
     save_atomic(fig, out)
 
 
-def used_predictors(runs: dict, available: list[str]) -> list[str]:
-    """Predictor files recorded in the runs' parameters (in ``available`` order, each once)."""
-    used = {os.path.normpath(r["cache"]["params"]["predictor"]) for r in runs.values()
-            if r["cache"]["params"].get("predictor")}
-    return [p for p in available if os.path.normpath(p) in used]
-
-
-def main(table_csv, run_paths, predictors, out: dict) -> None:
+def main(table_csv, run_paths, calibrations, out: dict) -> None:
     """Every figure named in ``out`` (name → path)."""
     sns.set_theme(context="notebook", style="whitegrid", font_scale=1.0)
     table, runs = load_points(table_csv, run_paths)
-    styles = method_styles(list(table.method))
+    styles = method_styles(table)
     speed_quality_figure(table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
                          "Speed-up (MACs) vs FID — better is lower right", True, out["pareto_macs"])
     speed_quality_figure(table, styles, "speedup", "measured latency speed-up (log scale)",
@@ -253,10 +251,10 @@ def main(table_csv, run_paths, predictors, out: dict) -> None:
                          "Speed-up (MACs) vs fidelity to the uncached images — better is upper right", True,
                          out["pareto_psnr"], y="psnr_to_full", ylabel="PSNR to the full run, dB (higher is better)")
     token_fraction_figure(table, runs, styles, out["token_fraction"])
-    if "predictor_importance" in out:
-        importance_figure(used_predictors(runs, list(predictors)) or list(predictors), out["predictor_importance"])
+    if "calibration" in out:
+        calibration_figure(list(calibrations), out["calibration"])
 
 
 if __name__ == "__main__" and "snakemake" in globals():
     sm = snakemake  # noqa: F821
-    main(sm.input.table, sm.input.runs, sm.input.predictors, {name: path for name, path in sm.output.items()})
+    main(sm.input.table, sm.input.runs, sm.input.calibrations, {name: path for name, path in sm.output.items()})

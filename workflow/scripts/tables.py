@@ -1,16 +1,18 @@
-"""Result tables: the main table and the TokenCache ablation, from the runs' small JSON files.
+"""Result tables: the main table and the ablation of one method's variants, from the runs' small JSON files.
 
 * ``main.{csv,md,tex}``: one row per (model, sampler, run label), in the layout of the caching
-  papers: MACs per image and MACs speed-up, measured latency and its speed-up over ``full``,
-  quality (FID, sFID, IS, precision, recall, class consistency) and fidelity to the ``full``
-  images (PSNR, SSIM). ``reported_fid``/``reported_source`` hold a published FID where the row's
+  papers: MACs per image and MACs speed-up, measured latency and its speed-up over the reference,
+  quality (FID, sFID, IS, precision, recall, class consistency) and fidelity to the reference
+  images (PSNR, SSIM); ``role`` says which row is the uncached reference and which the fewer-steps
+  baseline. ``reported_fid``/``reported_source`` hold a published FID where the row's
   backbone, sampler, guidance and method match an entry of the ``reported`` YAML (on the digits
   testbed none match and the columns stay empty; PROTOCOL.md: published numbers only in a
   column labelled "reported").
-* ``ablation.{csv,md}``: the TokenCache runs of every (model, sampler) that has ablation runs
-  (labels whose method is ``tokencache`` and that set token_choice, block_selection or k1/k2),
-  one column per setting, then MACs speed-up, FID, sFID and PSNR to ``full``; a one-line table
-  saying so when the config has no ablation runs.
+* ``ablation.{csv,md}``: the runs of the method whose variants the config's ``ablation:`` labels
+  are, in every (model, sampler) that has ablation runs: what each label varies, one column per
+  resolved setting that differs between those runs (as the runs recorded them), then MACs
+  speed-up, FID, sFID and PSNR to the reference; a one-line table saying so when the config has
+  no ablation runs.
 
 Every file is written atomically (a temporary file, then a rename).
 """
@@ -22,12 +24,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-COLUMNS = ["model", "sampler", "method", "setting", "macs_g_per_image", "macs_speedup", "latency_s_per_image",
+COLUMNS = ["model", "sampler", "method", "role", "setting", "macs_g_per_image", "macs_speedup", "latency_s_per_image",
            "speedup", "fid", "sfid", "inception_score", "precision", "recall", "class_consistency", "psnr_to_full",
            "ssim_to_full", "reported_fid", "reported_source", "num_samples"]
 
-ABLATION_COLUMNS = ["model", "sampler", "method", "varied", "token_choice", "block_selection", "schedule",
-                    "cache_ratio", "block_ratio", "macs_speedup", "fid", "sfid", "psnr_to_full"]
+ABLATION_RESULTS = ["macs_speedup", "fid", "sfid", "psnr_to_full"]
 
 
 def write_atomic(path, text: str) -> None:
@@ -45,9 +46,9 @@ def run_key(metrics_path: str) -> tuple[str, str, str]:
     return parts[-4], parts[-3], parts[-2]
 
 
-def setting_text(params: dict) -> str:
-    """A run's method parameters as ``k=v, …`` (trained-file paths left out: they name no setting)."""
-    return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None and k not in ("router", "predictor"))
+def setting_text(params: dict, file_param) -> str:
+    """A run's method parameters as ``k=v, …`` (its calibration file left out: it names no setting)."""
+    return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None and k != file_param)
 
 
 # ---------------------------------------------------------------------------------- reported FIDs
@@ -103,8 +104,9 @@ def row(metrics_path: str, run_path: str, reported: list[dict]) -> dict:
     metrics = json.loads(Path(metrics_path).read_text())
     run = json.loads(Path(run_path).read_text())
     macs = run_macs(run)
-    setting = setting_text(run["cache"]["params"]) or "—"
-    out = {"model": model, "sampler": sampler, "method": label, "setting": setting,
+    setting = setting_text(run["cache"]["params"], run["cache"].get("calibration_param")) or "—"
+    out = {"model": model, "sampler": sampler, "method": label, "role": run["cache"].get("role", "cache"),
+           "setting": setting,
            "num_samples": run["num_samples"], "latency_s_per_image": run["seconds"] / run["num_samples"],
            "macs_g_per_image": macs["macs_per_image"] / 1e9, "macs_speedup": macs["macs_speedup"]}
     out.update({k: metrics.get(k) for k in COLUMNS if k in metrics})
@@ -113,9 +115,9 @@ def row(metrics_path: str, run_path: str, reported: list[dict]) -> dict:
 
 
 def main_table(metrics: list[str], runs: list[str], reported: list[dict]) -> pd.DataFrame:
-    """All rows, the latency speed-up over each (model, sampler)'s ``full`` run, sorted by cost."""
+    """All rows, the latency speed-up over each (model, sampler)'s reference run, sorted by cost."""
     table = pd.DataFrame([row(m, r, reported) for m, r in zip(metrics, runs)])
-    full = table[table.method == "full"].set_index(["model", "sampler"])["latency_s_per_image"]
+    full = table[table.role == "reference"].set_index(["model", "sampler"])["latency_s_per_image"]
     table["speedup"] = [full[(m, s)] / lat for m, s, lat in zip(table.model, table.sampler, table.latency_s_per_image)]
     table = table[[c for c in COLUMNS if c in table.columns]]
     return table.sort_values(["model", "sampler", "macs_g_per_image"], ascending=[True, True, False])
@@ -124,46 +126,39 @@ def main_table(metrics: list[str], runs: list[str], reported: list[dict]) -> pd.
 # ---------------------------------------------------------------------------------- ablation
 
 
-def schedule_text(params: dict, sampler: str) -> str:
-    """TokenCache's I-step schedule: ``TPRR K1=3, K2=2`` or ``fixed K=2`` (k2 = k1), defaults resolved."""
-    from tokencache.cache.token_cache import DEFAULT_INTERVALS
-
-    default_k1, default_k2 = DEFAULT_INTERVALS["ddpm" if sampler.startswith("ddpm") else "ddim"]
-    k1 = default_k1 if params.get("k1") is None else params["k1"]
-    k2 = default_k2 if params.get("k2") is None else params["k2"]
-    return f"fixed K={k1}" if k1 == k2 else f"TPRR K1={k1}, K2={k2}"
-
-
 def ablation_table(table: pd.DataFrame, runs: list[str], labels: list[str]) -> pd.DataFrame:
-    """The TokenCache runs of every (model, sampler) with ablation runs, settings then results.
+    """The runs of the ablated method in every (model, sampler) with ablation runs, settings then results.
 
-    ``varied`` names what the label changes from TokenCache's defaults (its config parameters,
-    the predictor file aside); "default" marks the reference row, which comes first, then other
-    strengths of TokenCache, then the ablation runs.
+    ``varied`` names what the label changes from the method's defaults (its configured parameters,
+    the calibration file aside); "default" marks the reference row, which comes first, then other
+    strengths of the method, then the ablation runs. The setting columns are the resolved settings
+    (``cache.resolved`` of the run JSON) that differ between the rows shown.
     """
     by_key = {run_key(path): json.loads(Path(path).read_text()) for path in runs}
     scopes = {(m, s) for (m, s, label) in by_key if label in labels}
-    rows = []
+    method = next(run["cache"]["method"] for (m, s, label), run in by_key.items() if label in labels)
+    rows, settings = [], []
     for (model, sampler, label), run in sorted(by_key.items()):
-        if (model, sampler) not in scopes or run["cache"]["method"] != "tokencache":
+        if (model, sampler) not in scopes or run["cache"]["method"] != method:
             continue
-        params = run["cache"]["params"]
+        file_param = run["cache"].get("calibration_param")
         requested = run["request"].get("method_params", {})
-        varied = ", ".join(f"{k}={v}" for k, v in requested.items() if k != "predictor") or "default"
+        varied = ", ".join(f"{k}={v}" for k, v in requested.items() if k != file_param) or "default"
+        resolved = {k: v for k, v in run["cache"].get("resolved", run["cache"]["params"]).items() if k != file_param}
+        settings.append(resolved)
         result = table[(table.model == model) & (table.sampler == sampler) & (table.method == label)].iloc[0]
-        rows.append({"model": model, "sampler": sampler, "method": label, "varied": varied,
-                     "token_choice": params.get("token_choice"), "block_selection": params.get("block_selection"),
-                     "schedule": schedule_text(params, run["cache"].get("requested_sampler", sampler)),
-                     "cache_ratio": params.get("cache_ratio"), "block_ratio": params.get("block_ratio"),
-                     **{k: result.get(k) for k in ("macs_speedup", "fid", "sfid", "psnr_to_full")},
+        rows.append({"model": model, "sampler": sampler, "method": label, "varied": varied, **resolved,
+                     **{k: result.get(k) for k in ABLATION_RESULTS},
                      "_order": 2 if label in labels else (0 if varied == "default" else 1)})
     ablation = pd.DataFrame(rows)
+    varying = [k for k in dict.fromkeys(k for s in settings for k in s)
+               if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
     ablation = ablation.sort_values(["model", "sampler", "_order", "method"]).drop(columns="_order")
-    return ablation[ABLATION_COLUMNS]
+    return ablation[["model", "sampler", "method", "varied", *varying, *ABLATION_RESULTS]]
 
 
-NO_ABLATION = ("No ablation runs were configured: add `methods:` labels with `method: tokencache` that set "
-               "token_choice, block_selection or k1/k2 (k2 = k1: one fixed interval).")
+NO_ABLATION = ("No ablation runs were configured: list the labels of one method's variants under `ablation:` in the "
+               "config (e.g. other token choices, block selections or schedules).")
 
 
 # ---------------------------------------------------------------------------------- output
