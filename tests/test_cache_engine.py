@@ -15,6 +15,7 @@ from tokencache.cache import (
     Forecast,
     Reuse,
     ReuseSpan,
+    Span,
     Subset,
     attach,
     get_method,
@@ -421,3 +422,35 @@ def test_a_span_must_start_where_it_is_returned(tiny_dit):
     with attach(tiny_dit, Late(), "ddim4") as engine:
         with pytest.raises(TypeError, match="expected None or a Span starting at block 1"):
             sample(tiny_dit, [0], sampler="ddim4", engine=engine)
+
+
+def test_a_kept_output_replaces_the_span_whatever_its_input(tiny_dit, tiny_mdt):
+    """``keep="output"``: the stored output of the span's last block, shared by spans ending there."""
+    @dataclass
+    class Replace(CacheMethod):
+        name = "test-replace"
+
+        def block_action(self, step, block, inputs):
+            if step == 0 and block == 1:
+                return Span(1, self.info.block_count - 1, keep="output")
+            if step == 1 and block == 0:
+                return Span(0, self.info.block_count - 1, reuse=True, keep="output")
+            return None
+
+    for model in (tiny_dit, tiny_mdt):
+        x, t, y = inputs()
+        last = {}
+        blocks = list(model._all_blocks()) if hasattr(model, "_all_blocks") else list(model.blocks)
+        handle = blocks[-1].register_forward_hook(lambda m, a, o: last.__setitem__("out", o.detach().clone()))
+        engine = CacheEngine(model, Replace(), "ddim4").attach()
+        try:
+            engine.begin_step(0)
+            model(x, t, y)
+            engine.begin_step(1)
+            got = model(x * 0.3, t * 0 + 100, y)
+        finally:
+            engine.detach()
+            handle.remove()
+        torch.testing.assert_close(engine._residuals[("output", len(blocks) - 1)], last["out"])
+        assert engine.blocks_run[1].sum() == 0 and (engine.counts[1] == 0).all()
+        assert got.shape == (3, model.out_channels, 8, 8)

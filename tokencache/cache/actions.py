@@ -98,12 +98,16 @@ class Span:
 
     ``reuse``: False — run the blocks, store the residual; True — skip them, return x_in + the
     stored residual; a bool tensor (B,) — per batch row. Returned at block ``start``; the engine
-    applies it to the blocks up to ``end`` without asking again.
+    applies it to the blocks up to ``end`` without asking again. ``keep="output"`` stores block
+    ``end``'s output itself instead, and a reuse returns it whatever the span's input (DuCa's
+    aggressive step replaces the residual stream with the last block's previous output); that
+    output belongs to block ``end``, so spans of any start ending there share it.
     """
 
     start: int
     end: int
     reuse: Union[bool, torch.Tensor] = False
+    keep: str = "residual"
 
 
 def ComputeSpan(start: int, end: int) -> Span:  # noqa: N802 (reads like the action it builds)

@@ -96,11 +96,13 @@ class _ActiveSpan:
     mask: Optional[torch.Tensor] = None  # select: rows that reuse (B,)
     reuse_rows: Optional[torch.Tensor] = None  # split: row indices
     compute_rows: Optional[torch.Tensor] = None
-    span_input: Optional[torch.Tensor] = None
+    span_input: Optional[torch.Tensor] = None  # what the stored value is relative to (zeros for keep="output")
+    keep: str = "residual"
 
     @property
-    def key(self) -> tuple[int, int]:
-        return self.start, self.end
+    def key(self) -> tuple:
+        """Residuals belong to their span; a kept output to the block that produced it."""
+        return (self.start, self.end) if self.keep == "residual" else ("output", self.end)
 
 
 class CacheEngine:
@@ -212,27 +214,31 @@ class CacheEngine:
         return out
 
     def _begin_span(self, action: Span, x: torch.Tensor) -> _ActiveSpan:
+        if action.keep not in ("residual", "output"):
+            raise ValueError(f"{self.method.name}: Span keep must be 'residual' or 'output', got {action.keep!r}")
+        base = dict(span_input=x if action.keep == "residual" else torch.zeros_like(x), keep=action.keep)
         reuse = action.reuse
         if isinstance(reuse, bool):
-            return _ActiveSpan(action.start, action.end, "reuse" if reuse else "compute", span_input=x)
+            return _ActiveSpan(action.start, action.end, "reuse" if reuse else "compute", **base)
         mask = reuse.to(torch.bool).reshape(-1)
         if mask.shape[0] != x.shape[0]:
             raise ValueError(f"{self.method.name}: Span reuse mask has {mask.shape[0]} rows, the batch {x.shape[0]}")
         if not self.method.host_sync:
-            return _ActiveSpan(action.start, action.end, "select", mask=mask, span_input=x)
+            return _ActiveSpan(action.start, action.end, "select", mask=mask, **base)
         rows = self._host_rows(mask)
         if rows is None:
-            return _ActiveSpan(action.start, action.end, "reuse" if bool(mask[0]) else "compute", span_input=x)
-        return _ActiveSpan(action.start, action.end, "split", reuse_rows=rows[0], compute_rows=rows[1], span_input=x)
+            return _ActiveSpan(action.start, action.end, "reuse" if bool(mask[0]) else "compute", **base)
+        return _ActiveSpan(action.start, action.end, "split", reuse_rows=rows[0], compute_rows=rows[1], **base)
 
     def _span_block(self, span: _ActiveSpan, index: int, call, x: torch.Tensor) -> torch.Tensor:
-        what = f"residual of blocks {span.start}…{span.end}"
+        what = (f"residual of blocks {span.start}…{span.end}" if span.keep == "residual"
+                else f"output of block {span.end}")
         first, last = index == span.start, index == span.end
         if span.mode == "reuse":
             if not first:
                 return x
             self._count_overhead("span_residual_tokens", self.num_tokens)
-            return x + self._stored(self._residuals, span.key, x, what)
+            return span.span_input + self._stored(self._residuals, span.key, x, what)
         if span.mode in ("compute", "select"):
             self.record.add_block(self.step, index, x.shape[0])
             out = call(x)
@@ -255,7 +261,7 @@ class CacheEngine:
         out = torch.empty_like(x)
         if first:
             stored = self._stored(self._residuals, span.key, x, what)
-            out.index_copy_(0, reuse, x.index_select(0, reuse) + stored.index_select(0, reuse))
+            out.index_copy_(0, reuse, span.span_input.index_select(0, reuse) + stored.index_select(0, reuse))
             self._count_overhead("span_residual_tokens", self.num_tokens)
         else:
             out.index_copy_(0, reuse, x.index_select(0, reuse))
