@@ -122,6 +122,7 @@ class ToCa(CacheMethod):
     name = "toca"
     State = ToCaState
     noop = {"interval": 1, "interval_weight": 0.0, "sensitive_interval": 1}
+    variants = ({"per_block_retest": False}, {"partial_attention": True, "schedule": "constant", "fresh_ratio": 0.3})
     interval: Optional[int] = param(None, "N: base full-step interval (fresh_threshold); None = official for the "
                                           "sampler: 4 for DDPM, 3 for DDIM", min=1)
     fresh_ratio: float = param(0.07, "R: base fraction of tokens recomputed on ToCa steps (official 0.07)",

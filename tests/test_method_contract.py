@@ -37,6 +37,9 @@ from tokencache.sampling import draw_labels, generate, parse_sampler, sample_gen
 SAMPLER = "ddim8"
 load_plugins(readme_examples()[0])  # the worked examples of baselines/README.md keep the contract too
 METHODS = sorted(available_methods())
+#: (method, parameters): every method at its defaults, and each variant it declares
+CASES = [(name, params) for name in METHODS for params in ({}, *method_class(name).variants)]
+CASE_IDS = [name + "".join(f"[{k}={v}]" for k, v in params.items()) for name, params in CASES]
 FAMILIES = ("DiT", "MDTv2")
 #: what counts as reading a device value on the host
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "cpu")
@@ -50,22 +53,27 @@ def models():
 
 @pytest.fixture(scope="module")
 def calibrations(models, tmp_path_factory):
-    """A random calibration file per (method, family) for the methods that need one."""
+    """A random calibration file per (method variant, family) for the methods that need one."""
     folder = tmp_path_factory.mktemp("calibration")
     files = {}
-    for name in METHODS:
+    for name, params in CASES:
         calibration = method_class(name).calibration
         if calibration is None:
             continue
+        method = get_method(name, **params)
         for family, model in models.items():
-            method = get_method(name)
-            files[name, family] = {calibration.file_param: write_random_calibration(
-                method, model, SAMPLER, folder / f"{name}-{family}.pt", seed=3)}
+            key = (method.calibration_id(), family)
+            if key not in files:
+                files[key] = {calibration.file_param: write_random_calibration(
+                    method, model, SAMPLER, folder / f"{key[0]}-{family}.pt", seed=3)}
     return files
 
 
-def defaults(name, family, calibrations, **extra):
-    return get_method(name, **calibrations.get((name, family), {}), **extra)
+def defaults(case, family, calibrations, **extra):
+    """The method of ``case`` (name, parameters) with its calibration file and ``extra`` parameters."""
+    name, params = case
+    method = get_method(name, **params)
+    return get_method(name, **params, **calibrations.get((method.calibration_id(), family), {}), **extra)
 
 
 def sample(model, method, indices, batch_size, sampler=SAMPLER):
@@ -82,24 +90,25 @@ def sample(model, method, indices, batch_size, sampler=SAMPLER):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", METHODS)
-def test_a_sample_depends_only_on_its_seed_and_index(name, family, models, calibrations):
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_a_sample_depends_only_on_its_seed_and_index(case, family, models, calibrations):
     model = models[family]
-    alone, _ = sample(model, defaults(name, family, calibrations), range(32), 1)
-    sevens, _ = sample(model, defaults(name, family, calibrations), range(32), 7)
-    together, _ = sample(model, defaults(name, family, calibrations), range(32), 32)
+    alone, _ = sample(model, defaults(case, family, calibrations), range(32), 1)
+    sevens, _ = sample(model, defaults(case, family, calibrations), range(32), 7)
+    together, _ = sample(model, defaults(case, family, calibrations), range(32), 32)
     assert np.array_equal(alone, sevens) and np.array_equal(alone, together)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", METHODS)
-def test_noop_settings_equal_the_uncached_model(name, family, models, calibrations):
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_noop_settings_equal_the_uncached_model(case, family, models, calibrations):
+    name = case[0]
     cls = method_class(name)
     assert cls.noop is not None, f"{name}: declare `noop`, the parameters with which it computes everything"
     model = models[family]
     gens = sample_generators(7, range(3))
     want = generate(model, SAMPLER, draw_labels(gens, 10), gens, cfg_scale=2.0, clip_denoised=True)
-    with attach(model, defaults(name, family, calibrations, **cls.noop), SAMPLER) as engine:
+    with attach(model, defaults((name, {**case[1], **cls.noop}), family, calibrations), SAMPLER) as engine:
         gens = sample_generators(7, range(3))
         got = generate(model, engine.sampler, draw_labels(gens, 10), gens, cfg_scale=2.0, clip_denoised=True,
                        step_listener=engine.step_listener)
@@ -144,10 +153,11 @@ class _Instrument:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", METHODS)
-def test_recorded_counts_are_the_tokens_really_computed(name, family, models, calibrations):
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_recorded_counts_are_the_tokens_really_computed(case, family, models, calibrations):
+    name = case[0]
     model = models[family]
-    method = defaults(name, family, calibrations)
+    method = defaults(case, family, calibrations)
     if method.passthrough:
         pytest.skip(f"{name} never changes a branch: the model runs untouched")
     with attach(model, method, SAMPLER) as engine:
@@ -189,10 +199,11 @@ class _HostReads(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", METHODS)
-def test_no_host_reads_in_the_loop_unless_declared(name, family, models, calibrations):
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_no_host_reads_in_the_loop_unless_declared(case, family, models, calibrations):
+    name = case[0]
     model = models[family]
-    method = defaults(name, family, calibrations)
+    method = defaults(case, family, calibrations)
     with attach(model, method, SAMPLER) as engine:
         gens = sample_generators(7, range(3))
         labels = draw_labels(gens, 10)
@@ -230,15 +241,16 @@ def _fvcore_macs(model, inputs) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", METHODS)
-def test_macs_from_counts_equal_fvcore_on_the_traced_steps(name, family, models, calibrations):
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_macs_from_counts_equal_fvcore_on_the_traced_steps(case, family, models, calibrations):
     """Every step traced by fvcore, the engine deciding inside the trace; the sum equals the priced counts.
 
     The inputs drift from step to step (so that runtime-signal methods decide both ways); they are
     not a real trajectory, which the accounting does not need.
     """
+    name = case[0]
     model = models[family]
-    method = defaults(name, family, calibrations)
+    method = defaults(case, family, calibrations)
     if method.passthrough:
         pytest.skip(f"{name} never changes a branch: priced as the full model (tests/test_flops.py)")
     sampler = parse_sampler(SAMPLER)

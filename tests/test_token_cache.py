@@ -189,3 +189,71 @@ def test_training_lowers_the_loss_and_writes_a_matching_file(tiny_dit, tmp_path)
     assert again["final_loss"] == summary["final_loss"]  # deterministic given the seed
     _, engine = run(tiny_dit, get_method("tokencache", predictor=str(out), k1=1, k2=1), "ddim4", [0])
     assert engine.summary()["steps_run"] == 4
+
+
+# ---------------------------------------------------------------------- v2: the input-dependent predictor
+
+
+def test_percentile_steps_follow_the_cumulative_mass():
+    from tokencache.baselines.tokencache import percentile_steps
+
+    flat = percentile_steps(torch.ones(12), 4)
+    assert [s for s, f in enumerate(flat) if f] == [0, 2, 5, 8]  # uniform mass: evenly spread
+    early = percentile_steps(torch.tensor([8.0, 4, 2, 1, 1, 1, 1, 1, 1, 1]), 4)
+    assert sum(early) == 4 and [s for s, f in enumerate(early) if f] == [0, 1, 2, 4]  # denser where the mass is
+    assert sum(percentile_steps(torch.zeros(5), 3)) == 3 and percentile_steps(torch.ones(3), 9) == [True] * 3
+
+
+def test_block_budget_splits_one_global_ratio_by_the_scores():
+    from tokencache.baselines.tokencache import block_budget
+
+    mean_alpha = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4], [0.5, 0.05, 0.05, 0.05]])
+    assert block_budget(mean_alpha, 0.5) == [4, 1, 1]  # the 6 largest of 12: all of block 0, 0.4, 0.5
+    assert block_budget(mean_alpha, 0.0) == [4, 4, 4] and block_budget(mean_alpha, 1.0) == [0, 0, 0]
+
+
+def test_v2_trains_an_input_dependent_predictor_and_uses_each_samples_scores(tiny_dit, tmp_path):
+    from tokencache.baselines.tokencache import load_predictor_network
+
+    method = get_method("tokencache", version=2)
+    out = tmp_path / "v2.pt"
+    settings = method.calibration(steps=30, batch_size=2, num_samples=4, sparsity=0.2, seed=5)
+    summary = calibrate(method, tiny_dit, "ddim6", settings, SamplingSettings(cfg_scale=2.0), out=out)
+    assert summary["variant"] == "tokencache-v2" and summary["final_loss"] < summary["first_loss"]
+    tensors = load_calibration(method, out, tiny_dit, "ddim6")
+    assert tensors["mean_alpha"].shape == (6, BLOCKS, N_TOKENS)
+    with pytest.raises(ValueError, match="made for tokencache-v2, this run needs tokencache"):
+        run(tiny_dit, get_method("tokencache", predictor=str(out)), "ddim6", [0])
+    network = load_predictor_network(tiny_dit, tensors)
+    scores = {}
+    v2 = get_method("tokencache", version=2, predictor=str(out))
+    decide = v2.block_action
+
+    def spy(step, block, inputs):
+        if block == 0 and not v2.full[step]:
+            scores[step] = network(inputs.x, inputs.c)
+        return decide(step, block, inputs)
+
+    v2.block_action = spy
+    chosen = {}
+    branch_action = v2.branch_action
+
+    def spy_branch(step, block, branch):
+        action = branch_action(step, block, branch)
+        if type(action).__name__ == "Subset":
+            chosen[step, block] = action.tokens
+        return action
+
+    v2.branch_action = spy_branch
+    _, engine = run(tiny_dit, v2, "ddim6", range(3))
+    assert chosen and scores
+    for (step, block), tokens in chosen.items():
+        k = tokens.shape[1]
+        want = torch.argsort(scores[step][:, block], dim=1, descending=True, stable=True)[:, :k]
+        assert torch.equal(tokens, want)  # every sample (and CFG row) its own top-k
+    assert len({tuple(t[0].tolist()) for t in chosen.values()}) > 1
+    resolved = engine.summary()["resolved"]
+    assert resolved["i_steps"] == "predictor" and resolved["global_ratio"] == 0.375
+    assert resolved["predictor_parameters"] > 0 and engine.summary()["overhead"]["predictor"]["total"] > 0
+    with pytest.raises(ValueError, match="needs version=2"):
+        get_method("tokencache", i_steps="predictor")

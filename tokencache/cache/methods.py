@@ -96,6 +96,8 @@ class CacheMethod:
     * ``noop`` — parameter values with which the method computes everything, as the uncached model;
     * ``traced_overhead`` — overhead counters whose work is matrix arithmetic a trace of the
       model sees (a predictor network's layers, an adaLN signal), as opposed to elementwise work;
+    * ``variants`` — parameter sets (dicts) that change how the method works, which the contract
+      test checks besides the defaults;
     * ``calibration`` — a :class:`~tokencache.cache.calibration.Calibration` subclass when the
       method needs a trained or fitted file.
 
@@ -121,6 +123,7 @@ class CacheMethod:
     noop: ClassVar[Optional[dict]] = None
     calibration: ClassVar[Optional[type]] = None
     traced_overhead: ClassVar[tuple] = ()
+    variants: ClassVar[tuple] = ()
     _record: Optional[Callable[[str, int], None]] = None
 
     def __post_init__(self) -> None:
