@@ -35,3 +35,33 @@ def test_shard_count_never_changes_results(tmp_path, method, params):
     assert merged["num_samples"] == 7 and merged["shards"] == 3
     with pytest.raises(ValueError, match="gap or overlap"):
         merge_shards([str(paths[0]), str(paths[2])], str(tmp_path / "gap.npz"))
+
+
+def test_a_two_process_torchrun_sample_equals_one_process_byte_for_byte(tmp_path):
+    """``torchrun --nproc_per_node 2 -m tokencache sample`` (gloo on the CPU): the same npz, the same counts."""
+    import os
+    import subprocess
+    import sys
+
+    from tokencache.run import rank_ranges
+
+    assert rank_ranges(3, 7, 2) == [(3, 4), (7, 3)] and rank_ranges(0, 1, 3) == [(0, 1), (1, 0), (1, 0)]
+    ckpt = tmp_path / "tiny.pt"
+    train_backbone(TrainConfig(model="DiT", overrides=TINY, steps=2, batch_size=4), ckpt, progress=False)
+    args = ["sample", "--checkpoint", str(ckpt), "--sampler", "ddim6", "--cfg-scale", "2", "--clip-denoised",
+            "--num-samples", "7", "--batch-size", "3", "--seed", "5", "--method", "toca:fresh_ratio=0.2",
+            "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "tokencache", *args, "--out", str(tmp_path / "one.npz")], check=True,
+                   env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tokencache", *args, "--out", str(tmp_path / "two.npz")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    np.testing.assert_allclose(two["cache"]["counts_per_sample"], one["cache"]["counts_per_sample"])
+    assert two["data_parallel"]["world_size"] == 2 and two["data_parallel"]["backend"] == "gloo"
+    assert two["num_samples"] == 7 and two["request"]["num_samples"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the parts are gone

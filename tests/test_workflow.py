@@ -183,3 +183,8 @@ def test_paper_config_dag_without_network():
     assert "--checkpoint checkpoints/mdt_xl2_v2_ckpt.pt --sampler ddim50 --cfg-scale 3.8 --scale-pow 4.0" in out
     assert "--features inception" in out and "--device cuda" in out
     assert out.count("gpu=1") >= 50  # 50 shards of one run, each a GPU job
+    several = snakemake("results/paper/runs/DiT-XL_2/ddim50/fora3/samples.npz", "-n", "-p", "--configfile",
+                        "config/paper.yaml", "--config", "gpus_per_job=8", timeout=120)
+    out = several.stdout + several.stderr
+    assert several.returncode == 0 and "torchrun --standalone --nproc_per_node 8 -m tokencache sample" in out
+    assert out.count("gpu=8") == 50

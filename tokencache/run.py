@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -89,8 +89,74 @@ def run_sampling(req: SampleRequest, progress: bool = True) -> dict:
     """Sample ``req.num_samples`` images to ``req.out`` (npz) and ``<out>.json``; return the summary.
 
     The method is attached through the caching engine; the JSON holds its per-step counts of
-    computed tokens (summed over batches), from which MACs are derived.
+    computed tokens (summed over batches), from which MACs are derived. Started by ``torchrun``
+    (several processes, ``WORLD_SIZE`` > 1), the samples are split between the processes
+    (:func:`sample_data_parallel`); the files are the same as one process writes.
     """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return sample_data_parallel(req, progress)
+    return _sample(req, progress)
+
+
+def rank_ranges(start: int, count: int, world: int) -> list[tuple[int, int]]:
+    """(first index, count) of each of ``world`` processes: contiguous parts differing by at most one."""
+    base, extra = divmod(count, world)
+    out, first = [], start
+    for rank in range(world):
+        size = base + (rank < extra)
+        out.append((first, size))
+        first += size
+    return out
+
+
+def sample_data_parallel(req: SampleRequest, progress: bool = True) -> dict:
+    """One machine, several processes (``torchrun --nproc_per_node N -m tokencache sample …``).
+
+    Each rank samples its own contiguous part of the indices on its own device (``cuda:LOCAL_RANK``,
+    or the CPU with the gloo backend) into a part file beside ``req.out``; rank 0 then merges the
+    parts in index order into ``req.out`` and its JSON and removes them. Sample i depends only on
+    (seed, i), so the merged images equal a single process's. Every rank returns the summary.
+    """
+    import torch.distributed as dist
+
+    from tokencache.io import atomic_write_json
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    gpu = req.device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if gpu else "gloo")
+    try:
+        out = Path(req.out)
+        parts = [(first, size, out.with_name(f".{out.stem}.part{r}-of-{world}.npz"))
+                 for r, (first, size) in enumerate(rank_ranges(req.start_index, req.num_samples, world))]
+        first, size, mine = parts[rank]
+        start = time.perf_counter()
+        if size:
+            device = f"cuda:{local_rank}" if gpu else "cpu"
+            _sample(replace(req, start_index=first, num_samples=size, out=str(mine), device=device),
+                    progress and rank == 0)
+        seconds = [None] * world
+        dist.all_gather_object(seconds, round(time.perf_counter() - start, 2))
+        dist.barrier()
+        if rank == 0:
+            files = [str(path) for _, n, path in parts if n]
+            summary = merge_shards(files, str(out))
+            summary.update(request=asdict(req), seconds=max(seconds),
+                           data_parallel={"world_size": world, "backend": dist.get_backend(),
+                                          "seconds_per_rank": seconds})
+            atomic_write_json(out.with_suffix(".json"), summary)
+            for path in files:
+                Path(path).unlink(missing_ok=True)
+                Path(path).with_suffix(".json").unlink(missing_ok=True)
+        dist.barrier()
+        return json.loads(out.with_suffix(".json").read_text())
+    finally:
+        dist.destroy_process_group()
+
+
+def _sample(req: SampleRequest, progress: bool = True) -> dict:
+    """:func:`run_sampling` in this process."""
     from tokencache.cache import attach, get_method, reference_method
 
     if req.method is None:
@@ -170,7 +236,7 @@ def merge_shards(paths: list[str], out: str) -> dict:
             raise FileNotFoundError(f"shard {path} has no {meta_path.name}: it was not finished; rerun it")
         shards.append((json.loads(meta_path.read_text()), path))
     shards.sort(key=lambda item: item[0]["request"]["start_index"])
-    per_shard = ("start_index", "num_samples", "out", "batch_size")  # batch size never changes a sample
+    per_shard = ("start_index", "num_samples", "out", "batch_size", "device")  # none changes a sample
     identity = {k: v for k, v in shards[0][0]["request"].items() if k not in per_shard}
     expected = shards[0][0]["request"]["start_index"]
     images, labels = [], []

@@ -86,14 +86,29 @@ def _discover() -> None:
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    import tokencache.baselines as builtin
-
+    builtin = _builtin_package()
     for module in pkgutil.iter_modules(builtin.__path__):
         if not module.name.startswith("_"):
             importlib.import_module(f"{builtin.__name__}.{module.name}")
     for folder in filter(None, os.environ.get(PLUGIN_PATH_VARIABLE, "").split(os.pathsep)):
         load_plugins(folder)
     _load_entry_points()
+
+
+def _builtin_package():
+    """``tokencache.baselines``: installed, or (a source tree used without installing) the folder beside it."""
+    try:
+        import tokencache.baselines as builtin
+    except ModuleNotFoundError:
+        import tokencache
+
+        folder = Path(tokencache.__file__).resolve().parents[1] / "baselines"
+        spec = importlib.util.spec_from_file_location("tokencache.baselines", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        builtin = importlib.util.module_from_spec(spec)
+        sys.modules["tokencache.baselines"] = builtin
+        spec.loader.exec_module(builtin)
+    return builtin
 
 
 def _load_entry_points() -> None:

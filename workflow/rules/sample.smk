@@ -1,5 +1,11 @@
 # Sampling stage: independent shards (one job each, so many GPUs can share 50,000 samples),
 # then a merge. Sample i depends only on (seed, i), so the shard count never changes results.
+# With `gpus_per_job: N` (N > 1) each shard runs data-parallel on N local GPUs under torchrun.
+
+#: GPUs one sampling job uses (several: one process per GPU through torchrun, one merged shard)
+GPUS_PER_JOB = int(config.get("gpus_per_job", 1)) if config["device"] == "cuda" else 1
+SAMPLE_LAUNCHER = (f"torchrun --standalone --nproc_per_node {GPUS_PER_JOB} -m tokencache" if GPUS_PER_JOB > 1
+                   else "tokencache")
 
 
 rule sample_shard:
@@ -17,11 +23,12 @@ rule sample_shard:
         seed=config["seed"],
         batch=config["batch_size"],
         device=config["device"],
+        launcher=SAMPLE_LAUNCHER,
     threads: THREADS
     resources:
-        gpu=1 if config["device"] == "cuda" else 0,
+        gpu=GPUS_PER_JOB if config["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} tokencache sample --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
+        "OMP_NUM_THREADS={threads} {params.launcher} sample --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
         "{params.opts} {params.method} --seed {params.seed} --start-index {wildcards.first} --num-samples {wildcards.size} "
         "--batch-size {params.batch} --device {params.device} --out {output.npz} --quiet --json > {log} 2>&1"
 
