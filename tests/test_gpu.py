@@ -25,7 +25,9 @@ from tokencache.models.compiled import compiled_branches, graphs_compiled
 from tokencache.models.layers import Attention
 from tokencache.sampling import draw_labels, generate, sample_generators
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU path)")
+def cuda(test):
+    """A GPU-path test: marked ``cuda`` (``pytest -m cuda`` selects them, results/gpu/run.sh runs them first)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 #: every caching path of the engine: full, reuse, token subsets with attention scores, spans, subsets.
 METHODS = [("full", "full", {}), ("fora", "fora", {"interval": 2}), ("toca", "toca", {}),

@@ -133,6 +133,7 @@ def test_no_full_row_gives_no_speedup(tiny_dit):
     assert rows[0]["speedup"] is None and rows[0]["realization_ratio"] is None and rows[0]["macs_speedup"] > 1
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run_synchronises_and_reports_device_memory(tiny_dit):
     rows = measure_latency(tiny_dit, [("full", "full", {}), ("fora2", "fora", {"interval": 2})], sampler="ddim6",

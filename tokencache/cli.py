@@ -187,9 +187,15 @@ def cmd_latency(args) -> None:
     from tokencache.models.registry import create_model
     from tokencache.run import build_model, resolve_device
 
-    from tokencache.cache import method_class, parse_labelled_spec, reference_method
+    from tokencache.cache import available_methods, method_class, parse_labelled_spec, reference_method
 
-    methods = [parse_labelled_spec(m) for m in args.method]
+    methods = []
+    for spec in args.method:
+        if spec == "all":  # every registered method at its defaults, the reference first
+            names = sorted(available_methods(), key=lambda name: name != reference_method())
+            methods += [(name, name, {}) for name in names if name not in {m[0] for m in methods}]
+        else:
+            methods.append(parse_labelled_spec(spec))
     if not any(method_class(name).role == "reference" for _, name, _ in methods):
         reference = reference_method()
         methods.insert(0, (reference, reference, {}))
@@ -219,7 +225,8 @@ def cmd_latency(args) -> None:
         rows = measure_latency(model, methods, sampler=args.sampler, batch_sizes=args.batch_sizes,
                                cfg_scale=args.cfg_scale, repeats=args.repeats, warmup=args.warmup, device=str(device),
                                dtype=args.dtype, vae=vae, seed=args.seed, scale_pow=args.scale_pow, tf32=args.tf32,
-                               compile_mode=args.compile, notes=notes, on_run=lambda *a, **k: bar.update(1))
+                               compile_mode=args.compile, compile_backend=args.compile_backend, notes=notes,
+                               decision_timing=args.decision_timing, on_run=lambda *a, **k: bar.update(1))
     if rows[0]["provenance"].get("graphs_compiled_while_timing"):
         print("tokencache: warning: graphs were compiled during the timed rounds; raise --warmup", file=sys.stderr)
     write_latency_table(rows, args.csv, args.md)
@@ -240,7 +247,7 @@ def cmd_latency_report(args) -> None:
 
     result = write_latency_report(args.runs, args.out_dir)
     _emit(result, args.json, f"wrote {result['csv']}, {result['md']} and {result['plot']} "
-                             f"({result['rows']} rows, {result['configurations']} configurations)")
+                             f"({result['rows']} rows, {result['configurations']} configurations)\n\n{result['short']}")
 
 
 def cmd_merge(args) -> None:
@@ -395,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="preset (e.g. DiT-XL/2)")
     p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--method", action="append", default=[], metavar="[LABEL=]NAME[:KEY=VALUE,…]",
-                   help="a method to time (repeatable), e.g. fora3=fora:interval=3; the uncached reference (full) "
-                        "is always included")
+                   help="a method to time (repeatable), e.g. fora3=fora:interval=3, or all (every registered "
+                        "method at its defaults); the uncached reference is always included")
     p.add_argument("--sampler", default="ddim50")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="images per batch (CFG doubles rows)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -413,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the blocks' attention and MLP branches (compile time is kept out of the "
                         "timed rounds and reported; CUDA-graph modes need --warmup 2)")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile backend (eager/aot_eager capture graphs without generating code: a quick "
+                        "check of the wiring)")
+    p.add_argument("--decision-timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="one extra round per method and batch size measuring the time inside the method's own "
+                        "decisions (not part of the timed rounds; default: on)")
     p.add_argument("--random-calibration", default=None, metavar="DIR",
                    help="write random calibration files here for methods given without one (timing only; each "
                         "method documents its stand-in)")

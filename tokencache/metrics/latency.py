@@ -234,11 +234,44 @@ def provenance(device: torch.device, dtype: str = "float32", **extra) -> dict:
 # --------------------------------------------------------------------------- one run
 
 
+#: the method hooks whose time is the method's decision overhead
+DECISION_HOOKS = ("begin_step", "block_action", "branch_action", "observe")
+
+
+def _time_decisions(method, device: torch.device) -> dict:
+    """Wrap ``method``'s hooks so that the time spent inside them adds up in the returned dict.
+
+    The device is synchronised around each call, so the time includes the kernels the hook
+    queued (scores, signals, forecasts, a predictor): slower than an unmeasured run, which is
+    why this runs in a round of its own, never in the timed ones.
+    """
+    spent = {"decision_s": 0.0}
+    for name in DECISION_HOOKS:
+        hook = getattr(method, name, None)
+        if hook is None:
+            continue
+
+        def timed(*args, _hook=hook, **kwargs):
+            start = _now(device)
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                spent["decision_s"] += _now(device) - start
+
+        setattr(method, name, timed)
+    return spent
+
+
 def _run_once(model, method_name: str, params: dict, sampler: str, batch_size: int, cfg_scale: float,
               scale_pow, seed: int, device: torch.device, autocast, vae, memory: _Memory,
-              clone_stored: bool = False) -> dict:
-    """Sample one batch with ``method``; return timings, peak memory and the engine's summary."""
-    with attach(model, get_method(method_name, **params), sampler) as engine:
+              clone_stored: bool = False, time_decisions: bool = False) -> dict:
+    """Sample one batch with ``method``; return timings, peak memory and the engine's summary.
+
+    ``time_decisions``: also measure the time spent in the method's hooks (``decision_s``).
+    """
+    method = get_method(method_name, **params)
+    spent = _time_decisions(method, device) if time_decisions else None
+    with attach(model, method, sampler) as engine:
         engine.clone_stored = clone_stored
         events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else None
         memory.start()
@@ -263,7 +296,8 @@ def _run_once(model, method_name: str, params: dict, sampler: str, batch_size: i
         end = _now(device)
         summary = engine.summary(counts=True)
     return {"sampling_s": loop_end - loop_start, "end_to_end_s": end - start, "peak_memory_bytes": peak,
-            "sampling_event_s": events[0].elapsed_time(events[1]) / 1000 if events else None, "summary": summary}
+            "sampling_event_s": events[0].elapsed_time(events[1]) / 1000 if events else None, "summary": summary,
+            "decision_s": None if spent is None else spent["decision_s"]}
 
 
 # --------------------------------------------------------------------------- the measurement
@@ -274,7 +308,7 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
                     device: Optional[str] = None, dtype: Optional[str] = None, vae=None, seed: int = 0,
                     scale_pow: Optional[float] = None, tf32: Optional[bool] = None, compile_mode: str = "none",
                     compile_backend: str = "inductor", notes: Optional[dict] = None,
-                    on_run: Optional[Callable[[dict], None]] = None) -> list[dict]:
+                    on_run: Optional[Callable[[dict], None]] = None, decision_timing: bool = True) -> list[dict]:
     """Time ``methods`` (``(label, method_name, params)``) interleaved; one row per (method, batch).
 
     ``sampler`` is the requested sampler (a method may run another, e.g. fewer steps); ``dtype`` None or
@@ -289,7 +323,9 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
     ``device`` None keeps the model's device (the model is moved in place otherwise).
     ``notes`` ({label: text}) is copied into the rows (e.g. "random router, timing only").
     ``on_run(event)`` is called after every run with {"round", "warmup", "batch_size", "label"}
-    (call order, for checks and logs).
+    (call order, for checks and logs). ``decision_timing``: after the timed rounds, one more round
+    measures the time spent inside each method's hooks (its decisions: scores, signals, forecasts,
+    a predictor), the device synchronised around each; not part of the timed statistics.
 
     Row keys: label, method, params, model, batch_size, sampler, requested_sampler, cfg_scale,
     repeats, warmup, sampling_s / end_to_end_s ({median, q1, q3, iqr, min, max, values}),
@@ -354,6 +390,13 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
                     if on_run is not None:
                         on_run({"round": round_index, "warmup": is_warmup, "batch_size": b, "label": label})
         compiled_at_end = graphs_compiled() if compile_mode != "none" else 0
+        decisions = {}
+        if decision_timing:
+            for b in batch_sizes:
+                for label, name, params in methods:
+                    decisions[(label, b)] = _run_once(model, name, params, sampler, b, cfg_scale, scale_pow, seed,
+                                                      dev, autocast, vae, memory, clone_stored=graphs,
+                                                      time_decisions=True)
         rows_per_image = 2 if cfg else 1
         attention_dtype = autocast or weights_dtype
         prov = provenance(
@@ -391,9 +434,17 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
                 "cfg_included": macs["cfg_included"],
                 "peak_memory_bytes": int(np.median(peaks)) if peaks else None, "memory_kind": memory.kind,
                 "vae_decode": vae is not None, "note": (notes or {}).get(label), "provenance": prov,
+                **_decision_columns(decisions.get((label, b))),
             })
     _add_speedups(rows)
     return rows
+
+
+def _decision_columns(run: Optional[dict]) -> dict:
+    """``decision_s`` (time inside the method's hooks in the decision round) and its share of that run."""
+    if run is None:
+        return {"decision_s": None, "decision_share": None}
+    return {"decision_s": run["decision_s"], "decision_share": run["decision_s"] / run["sampling_s"]}
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -452,7 +503,7 @@ def random_calibration(methods: Sequence[tuple[str, str, dict]], model: torch.nn
 
 TABLE_COLUMNS = ["label", "method", "batch_size", "sampler", "sampling_median_s", "sampling_iqr_s",
                  "end_to_end_median_s", "images_per_s", "speedup", "macs_g_per_image", "macs_speedup",
-                 "overhead_macs_g_per_image", "realization_ratio", "peak_memory_mib"]
+                 "overhead_macs_g_per_image", "realization_ratio", "decision_share", "host_sync", "peak_memory_mib"]
 
 
 def latency_table(rows: list[dict]):
@@ -465,7 +516,8 @@ def latency_table(rows: list[dict]):
         "end_to_end_median_s": r["end_to_end_s"]["median"], "images_per_s": r["images_per_s"],
         "speedup": r["speedup"], "macs_g_per_image": r["macs_per_image"] / 1e9, "macs_speedup": r["macs_speedup"],
         "overhead_macs_g_per_image": r["overhead_macs_per_image"] / 1e9,
-        "realization_ratio": r["realization_ratio"],
+        "realization_ratio": r["realization_ratio"], "decision_share": r.get("decision_share"),
+        "host_sync": r.get("host_sync"),
         "peak_memory_mib": None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20,
     } for r in rows]
     return pd.DataFrame(flat, columns=TABLE_COLUMNS)

@@ -22,8 +22,11 @@ import pandas as pd
 #: the report's columns, units in the names.
 REPORT_COLUMNS = ["model", "sampler", "device_name", "dtype", "weights_dtype", "tf32", "compile_mode", "label",
                   "method", "batch_size", "run_sampler", "sampling_median_s", "sampling_iqr_s", "images_per_s",
-                  "speedup", "macs_g_per_image", "macs_speedup", "realization_ratio", "end_to_end_median_s",
-                  "peak_memory_mib", "warmup_max_s", "note"]
+                  "speedup", "macs_g_per_image", "macs_speedup", "realization_ratio", "decision_share", "host_sync",
+                  "end_to_end_median_s", "peak_memory_mib", "warmup_max_s", "note"]
+#: the short table printed by ``tokencache latency-report``
+SHORT_COLUMNS = ["model", "compile_mode", "label", "batch_size", "speedup", "macs_speedup", "realization_ratio",
+                 "images_per_s", "peak_memory_mib"]
 #: the columns that tell configurations apart (one plot panel each).
 CONFIG_COLUMNS = ["model", "sampler", "device_name", "dtype", "weights_dtype", "tf32", "compile_mode"]
 
@@ -58,7 +61,8 @@ def report_table(rows: Sequence[dict]) -> pd.DataFrame:
             "sampling_median_s": r["sampling_s"]["median"], "sampling_iqr_s": r["sampling_s"]["iqr"],
             "images_per_s": r["images_per_s"], "speedup": r["speedup"],
             "macs_g_per_image": r["macs_per_image"] / 1e9, "macs_speedup": r["macs_speedup"],
-            "realization_ratio": r["realization_ratio"], "end_to_end_median_s": r["end_to_end_s"]["median"],
+            "realization_ratio": r["realization_ratio"], "decision_share": r.get("decision_share"),
+            "host_sync": r.get("host_sync"), "end_to_end_median_s": r["end_to_end_s"]["median"],
             "peak_memory_mib": None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**20,
             "warmup_max_s": max(r["warmup_sampling_s"]) if r.get("warmup_sampling_s") else None,
             "note": r.get("note"), "_order": order,
@@ -67,6 +71,14 @@ def report_table(rows: Sequence[dict]) -> pd.DataFrame:
     first = table.groupby("label", sort=False)["_order"].transform("min")  # keep the methods' given order
     table = table.assign(_first=first).sort_values(CONFIG_COLUMNS + ["_first", "batch_size"], kind="stable")
     return table[REPORT_COLUMNS].reset_index(drop=True)
+
+
+def short_table(table: pd.DataFrame) -> str:
+    """The report's key columns as plain text (what ``tokencache latency-report`` prints last)."""
+    shown = table[SHORT_COLUMNS].rename(columns={"compile_mode": "compile", "batch_size": "batch",
+                                                 "macs_speedup": "macs_x", "realization_ratio": "realization",
+                                                 "images_per_s": "img/s", "peak_memory_mib": "peak_MiB"})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
 
 
 def _config_name(key: tuple) -> str:
@@ -137,7 +149,10 @@ def write_latency_report(paths: Iterable[PathLike], out_dir: PathLike) -> dict:
     lines = ["# Latency", "",
              "Sampling loop (transformer, CFG included) timed side by side in one process; median of the "
              "repeats, IQR beside it. speedup: over the uncached reference at the same batch size; macs_speedup: from the "
-             "engine's token counts; realization_ratio = speedup ÷ macs_speedup. Plot: "
+             "engine's token counts; realization_ratio = speedup ÷ macs_speedup; decision_share: the time "
+             "spent in the method's own decisions (scores, signals, forecasts, predictor), measured in a round "
+             "of its own, as a share of that round's sampling time; host_sync: the method reads device values "
+             "on the host while sampling. Plot: "
              f"[{plot.name}]({plot.name}).", ""]
     if recompiled:
         lines += [f"**Warning**: graphs were compiled while timing for {', '.join(recompiled)}; "
@@ -148,4 +163,4 @@ def write_latency_report(paths: Iterable[PathLike], out_dir: PathLike) -> dict:
     lines += ["## Provenance", "", *_provenance_lines(rows)]
     md.write_text("\n".join(lines) + "\n")
     return {"csv": str(csv), "md": str(md), "plot": str(plot), "rows": len(table),
-            "configurations": int(table.groupby(CONFIG_COLUMNS, dropna=False).ngroups)}
+            "configurations": int(table.groupby(CONFIG_COLUMNS, dropna=False).ngroups), "short": short_table(table)}
