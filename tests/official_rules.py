@@ -8,6 +8,7 @@ sampling run; the tests compare it with what the engine recorded.
 * ToCa — Shenyi-Z/ToCa @ e84096ffd85af4540a6a1f64e3334e428e1b7377, ``DiT-ToCa/``
 * FORA — prathebaselva/FORA @ acde628eb1c9605015542c91040c401919369487, ``src/``
 * Learning-to-Cache — horseee/learning-to-cache @ d6cc7817842e1353b8d902af263bab030b8478da, ``DiT/``
+* TaylorSeer — Shenyi-Z/TaylorSeer @ 288776dfd0cbb6e201c654c31cd22139f848a6cf, ``TaylorSeer-DiT/``
 """
 from __future__ import annotations
 
@@ -170,3 +171,85 @@ def l2c_official(num_steps: int, router_probs: torch.Tensor, thres: float) -> li
         plan.append(blocks)
         stored = True
     return plan
+
+
+# ------------------------------------------------------------------------------------ TaylorSeer
+# Shenyi-Z/TaylorSeer @ 288776dfd0cbb6e201c654c31cd22139f848a6cf, ``TaylorSeer-DiT/``
+
+
+def taylorseer_official(num_steps: int, num_blocks: int, interval: int = 4, max_order: int = 4, features=None):
+    """What ``TaylorSeer-DiT`` does per step, and the forecasts it would make from given outputs.
+
+    Transcribed from the official code:
+
+    * ``diffusion/gaussian_diffusion.py`` 688–693 / 508–513: ``cache_init`` once per loop, then
+      ``current['step'] = i`` for i = T−1 … 0; ``cache_functions/cache_init.py`` 18–26:
+      ``interval``, ``max_order``, ``first_enhance = 2``, ``cache_counter = 0``,
+      ``activated_steps = [49]``.
+    * ``models.py`` 324–327: ``cal_type`` once per forward, then every block; ``cal_type.py``
+      6–18: full iff i > T − first_enhance − 1 or ``cache_counter == interval − 1`` (counter to 0,
+      i appended to ``activated_steps``), else the counter + 1 and the type ``'Taylor'``.
+    * ``models.py`` 143–154: a full block, per module ('attn', then 'mlp'):
+      ``taylor_cache_init`` (``taylor_utils/__init__.py`` 46–47: the module's dict emptied at
+      i == T−1), then ``derivative_approximation`` of the module's output (5–23).
+    * ``models.py`` 174–178: a Taylor block adds ``taylor_formula`` of each module (25–38).
+
+    ``features``: a function (k, layer, module) → that module's pre-gate output at full sampling
+    step k; a zero stand-in when omitted (the schedule does not depend on it).
+
+    Returns ``(types, held, forecasts)``: types[k] in {"full", "Taylor"} for sampling step
+    k = T−1−i; held[k] the number of Taylor factors of each (layer, module) after step k;
+    forecasts[(k, layer, module)] the tensor ``taylor_formula`` returns on a Taylor step.
+    """
+    import math
+
+    if features is None:
+        def features(k, layer, module):
+            return torch.zeros(1)
+    cache = {-1: {j: {} for j in range(num_blocks)}}
+    cache_dic = {"cache": cache, "interval": interval, "max_order": max_order, "first_enhance": 2,
+                 "cache_counter": 0}
+    current = {"num_steps": num_steps, "activated_steps": [49]}
+    types, held, forecasts = [], [], {}
+    for i in range(num_steps - 1, -1, -1):
+        current["step"] = i
+        k = num_steps - 1 - i
+        # cal_type.py
+        first_steps = current["step"] > current["num_steps"] - cache_dic["first_enhance"] - 1
+        if first_steps or cache_dic["cache_counter"] == cache_dic["interval"] - 1:
+            current["type"] = "full"
+            cache_dic["cache_counter"] = 0
+            current["activated_steps"].append(current["step"])
+        else:
+            cache_dic["cache_counter"] += 1
+            current["type"] = "Taylor"
+        types.append(current["type"])
+        for layer in range(num_blocks):
+            current["layer"] = layer
+            for module in ("attn", "mlp"):
+                current["module"] = module
+                if current["type"] == "full":
+                    if current["step"] == current["num_steps"] - 1:  # taylor_cache_init
+                        cache[-1][layer][module] = {}
+                    # derivative_approximation
+                    gap = current["activated_steps"][-1] - current["activated_steps"][-2]
+                    old = cache[-1][layer][module]
+                    new = {0: features(k, layer, module)}
+                    for order in range(cache_dic["max_order"]):
+                        if old.get(order) is not None and \
+                                current["step"] < current["num_steps"] - cache_dic["first_enhance"] + 1:
+                            new[order + 1] = (new[order] - old[order]) / gap
+                        else:
+                            break
+                    cache[-1][layer][module] = new
+                else:
+                    # taylor_formula
+                    x = current["step"] - current["activated_steps"][-1]
+                    factors = cache[-1][layer][module]
+                    output = 0
+                    for order in range(len(factors)):
+                        output += (1 / math.factorial(order)) * factors[order] * (x ** order)
+                    forecasts[(k, layer, module)] = output
+        held.append(len(cache[-1][0]["attn"]))
+    return types, held, forecasts
+
