@@ -27,10 +27,12 @@ from tokencache.sampling import draw_labels, generate, sample_generators
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU path)")
 
-#: every caching path of the engine: full, reuse, token subsets with attention scores, spans, subsets.
+#: every caching path of the engine: full, reuse, token subsets with attention scores, spans, subsets,
+#: forecasts (kept across steps: a CUDA graph's output buffer must not be), spans keeping the last output.
 METHODS = [("full", "full", {}), ("fora", "fora", {"interval": 2}), ("toca", "toca", {}),
            ("deepcache", "deepcache", {}),
-           ("tokencache", "tokencache", {"token_choice": "random", "block_selection": "uniform"})]
+           ("tokencache", "tokencache", {"token_choice": "random", "block_selection": "uniform"}),
+           ("taylorseer", "taylorseer", {}), ("duca", "duca", {})]
 
 
 
