@@ -8,6 +8,8 @@ sampling run; the tests compare it with what the engine recorded.
 * ToCa — Shenyi-Z/ToCa @ e84096ffd85af4540a6a1f64e3334e428e1b7377, ``DiT-ToCa/``
 * FORA — prathebaselva/FORA @ acde628eb1c9605015542c91040c401919369487, ``src/``
 * Learning-to-Cache — horseee/learning-to-cache @ d6cc7817842e1353b8d902af263bab030b8478da, ``DiT/``
+* TaylorSeer — Shenyi-Z/TaylorSeer @ 288776dfd0cbb6e201c654c31cd22139f848a6cf, ``TaylorSeer-DiT/``
+* DuCa — Shenyi-Z/DuCa @ 0a7151b7bfea3822295e8d29f26cd2e10756670c, ``DuCa-DiT/``
 """
 from __future__ import annotations
 
@@ -170,3 +172,191 @@ def l2c_official(num_steps: int, router_probs: torch.Tensor, thres: float) -> li
         plan.append(blocks)
         stored = True
     return plan
+
+
+# ------------------------------------------------------------------------------------ TaylorSeer
+# Shenyi-Z/TaylorSeer @ 288776dfd0cbb6e201c654c31cd22139f848a6cf, ``TaylorSeer-DiT/``
+
+
+def taylorseer_official(num_steps: int, num_blocks: int, interval: int = 4, max_order: int = 4, features=None):
+    """What ``TaylorSeer-DiT`` does per step, and the forecasts it would make from given outputs.
+
+    Transcribed from the official code:
+
+    * ``diffusion/gaussian_diffusion.py`` 688–693 / 508–513: ``cache_init`` once per loop, then
+      ``current['step'] = i`` for i = T−1 … 0; ``cache_functions/cache_init.py`` 18–26:
+      ``interval``, ``max_order``, ``first_enhance = 2``, ``cache_counter = 0``,
+      ``activated_steps = [49]``.
+    * ``models.py`` 324–327: ``cal_type`` once per forward, then every block; ``cal_type.py``
+      6–18: full iff i > T − first_enhance − 1 or ``cache_counter == interval − 1`` (counter to 0,
+      i appended to ``activated_steps``), else the counter + 1 and the type ``'Taylor'``.
+    * ``models.py`` 143–154: a full block, per module ('attn', then 'mlp'):
+      ``taylor_cache_init`` (``taylor_utils/__init__.py`` 46–47: the module's dict emptied at
+      i == T−1), then ``derivative_approximation`` of the module's output (5–23).
+    * ``models.py`` 174–178: a Taylor block adds ``taylor_formula`` of each module (25–38).
+
+    ``features``: a function (k, layer, module) → that module's pre-gate output at full sampling
+    step k; a zero stand-in when omitted (the schedule does not depend on it).
+
+    Returns ``(types, held, forecasts)``: types[k] in {"full", "Taylor"} for sampling step
+    k = T−1−i; held[k] the number of Taylor factors of each (layer, module) after step k;
+    forecasts[(k, layer, module)] the tensor ``taylor_formula`` returns on a Taylor step.
+    """
+    import math
+
+    if features is None:
+        def features(k, layer, module):
+            return torch.zeros(1)
+    cache = {-1: {j: {} for j in range(num_blocks)}}
+    cache_dic = {"cache": cache, "interval": interval, "max_order": max_order, "first_enhance": 2,
+                 "cache_counter": 0}
+    current = {"num_steps": num_steps, "activated_steps": [49]}
+    types, held, forecasts = [], [], {}
+    for i in range(num_steps - 1, -1, -1):
+        current["step"] = i
+        k = num_steps - 1 - i
+        # cal_type.py
+        first_steps = current["step"] > current["num_steps"] - cache_dic["first_enhance"] - 1
+        if first_steps or cache_dic["cache_counter"] == cache_dic["interval"] - 1:
+            current["type"] = "full"
+            cache_dic["cache_counter"] = 0
+            current["activated_steps"].append(current["step"])
+        else:
+            cache_dic["cache_counter"] += 1
+            current["type"] = "Taylor"
+        types.append(current["type"])
+        for layer in range(num_blocks):
+            current["layer"] = layer
+            for module in ("attn", "mlp"):
+                current["module"] = module
+                if current["type"] == "full":
+                    if current["step"] == current["num_steps"] - 1:  # taylor_cache_init
+                        cache[-1][layer][module] = {}
+                    # derivative_approximation
+                    gap = current["activated_steps"][-1] - current["activated_steps"][-2]
+                    old = cache[-1][layer][module]
+                    new = {0: features(k, layer, module)}
+                    for order in range(cache_dic["max_order"]):
+                        if old.get(order) is not None and \
+                                current["step"] < current["num_steps"] - cache_dic["first_enhance"] + 1:
+                            new[order + 1] = (new[order] - old[order]) / gap
+                        else:
+                            break
+                    cache[-1][layer][module] = new
+                else:
+                    # taylor_formula
+                    x = current["step"] - current["activated_steps"][-1]
+                    factors = cache[-1][layer][module]
+                    output = 0
+                    for order in range(len(factors)):
+                        output += (1 / math.factorial(order)) * factors[order] * (x ** order)
+                    forecasts[(k, layer, module)] = output
+        held.append(len(cache[-1][0]["attn"]))
+    return types, held, forecasts
+
+
+# ------------------------------------------------------------------------------------------ DuCa
+# Shenyi-Z/DuCa @ 0a7151b7bfea3822295e8d29f26cd2e10756670c, ``DuCa-DiT/``
+
+
+def duca_official(num_steps: int, num_blocks: int, num_tokens: int, fresh_ratio: float = 0.05,
+                  fresh_threshold: int = 3, ratio_scheduler: str = "ToCa", attention_maps=None,
+                  soft_fresh_weight: float = 0.25):
+    """What ``DuCa-DiT`` does per (step, block): its type, the MLP tokens it recomputes, which ones.
+
+    Transcribed from the official code:
+
+    * ``diffusion/gaussian_diffusion.py`` 688–693 / 508–513: ``current['step'] = i`` for
+      i = T−1 … 0; ``cache_functions/cache_init.py`` 21–30.
+    * ``models.py`` 194: ``cal_type`` at the start of *every block*; ``cal_type.py`` 6–21: the
+      interval is ``fresh_threshold`` at the first step, else ``cal_threshold``;
+      ``i % interval == 0`` or the first step → 'full'; ``(i % interval) % 2 == 1`` → 'ToCa';
+      otherwise 'aggressive'.
+    * ``models.py`` 218–229: a full block calls ``force_init`` after the attention and after the
+      MLP; ``force_init.py`` 8–9: that (layer, module)'s counters to 0 and ``force_scheduler``
+      for *every* layer; ``force_scheduler.py`` 6–19: ``cal_threshold`` =
+      ``torch.round(N / torch.tensor(1 + w − 2w·i/T))``, w = 0.4 (0 if R == 0), = 2 for i in
+      range(int(0.2T), int(0.4T)) when R != 0. The head-averaged map is kept (221).
+    * ``models.py`` 259–266: a ToCa block reuses the attention and calls ``cache_cutfresh`` for
+      the MLP; ``cache_cutfresh.py`` 17–33: ``fresh_ratio_scheduler``, the clamp as a tensor,
+      the score (``score_evaluate.py`` 64–70, ``scores.py`` 11: normalize(map.sum(dim=1)) +
+      λ·(counter.float() / N)), ``local_selection_with_bonus(score, 0.8, 2)`` (52–82), a
+      descending argsort, ``topk = int(ratio * N)``, counters + 1 and the chosen ones 0;
+      ``fresh_ratio_scheduler.py`` 12–13 and 38–54 (layer / 27 → layer / (L − 1)).
+    * ``models.py`` 345–353: an aggressive block computes nothing; block 27 (L − 1) replaces x
+      by ``cache['noise']``, the output of block 27 stored after every block 27.
+
+    ``attention_maps`` (optional): (k, layer) → the head-averaged (B, N, N) map of that full block.
+
+    Returns ``(types, mlp_tokens, chosen)``: types[k][l] in {"full", "ToCa", "aggressive"} for
+    sampling step k = T−1−i; mlp_tokens[k][l] the MLP tokens computed (N full, 0 aggressive);
+    chosen[(k, l)] the (B, topk) tokens of ToCa blocks when ``attention_maps`` is given.
+    """
+    cache_dic = {"fresh_threshold": fresh_threshold, "fresh_ratio": fresh_ratio, "cache_index": {},
+                 "attn_map": {}, "soft_fresh_weight": soft_fresh_weight}
+    current = {"num_steps": num_steps}
+    types = [[None] * num_blocks for _ in range(num_steps)]
+    mlp_tokens = [[None] * num_blocks for _ in range(num_steps)]
+    chosen = {}
+    for i in range(num_steps - 1, -1, -1):
+        current["step"] = i
+        k = num_steps - 1 - i
+        for layer in range(num_blocks):
+            current["layer"] = layer
+            # cal_type.py
+            first_step = current["step"] == current["num_steps"] - 1
+            interval = cache_dic["fresh_threshold"] if first_step else cache_dic["cal_threshold"]
+            if current["step"] % interval == 0 or first_step:
+                current["type"] = "full"
+            elif (current["step"] % interval) % 2 == 1:
+                current["type"] = "ToCa"
+            else:
+                current["type"] = "aggressive"
+            types[k][layer] = current["type"]
+            if current["type"] == "full":
+                rows = 1
+                if attention_maps is not None:
+                    cache_dic["attn_map"][layer] = attention_maps(k, layer)
+                    rows = cache_dic["attn_map"][layer].shape[0]
+                for module in ("attn", "mlp"):  # force_init after each module
+                    cache_dic["cache_index"][(layer, module)] = torch.zeros(rows, num_tokens, dtype=torch.int)
+                    w = 0.0 if cache_dic["fresh_ratio"] == 0 else 0.4
+                    step_factor = torch.tensor(1 + w - 2 * w * current["step"] / current["num_steps"])
+                    threshold = torch.round(cache_dic["fresh_threshold"] / step_factor)
+                    if (current["step"] in range(int(num_steps * 0.2), int(num_steps * 0.4))
+                            and cache_dic["fresh_ratio"] != 0):
+                        threshold = 2
+                    cache_dic["cal_threshold"] = threshold
+                mlp_tokens[k][layer] = num_tokens
+                continue
+            if current["type"] == "aggressive":
+                mlp_tokens[k][layer] = 0
+                continue
+            ratio = _duca_fresh_ratio(ratio_scheduler, fresh_ratio, i, num_steps, layer, num_blocks)
+            ratio = torch.clamp(torch.tensor(ratio), 0.0, 1.0)
+            topk = int(ratio * num_tokens)
+            mlp_tokens[k][layer] = topk
+            if attention_maps is not None:
+                attn_map = cache_dic["attn_map"][layer]
+                score = F.normalize(attn_map.sum(dim=1), dim=1, p=2)
+                counter = cache_dic["cache_index"][(layer, "mlp")]
+                soft_step_score = counter.float() / fresh_threshold
+                score = score + cache_dic["soft_fresh_weight"] * soft_step_score
+                score = _local_selection_with_bonus(score, 0.8, 2)
+                fresh = score.argsort(dim=-1, descending=True)[:, :topk]
+                counter = counter + 1
+                counter.scatter_(1, fresh, torch.zeros_like(fresh, dtype=torch.int))
+                cache_dic["cache_index"][(layer, "mlp")] = counter
+                chosen[(k, layer)] = fresh
+    return types, mlp_tokens, chosen
+
+
+def _duca_fresh_ratio(schedule, fresh_ratio, step, num_steps, layer, num_blocks):
+    """``fresh_ratio_scheduler.py`` 12–13 and 38–54 for the MLP, with /27 written as /(L − 1)."""
+    if schedule == "constant":
+        return fresh_ratio
+    assert schedule == "ToCa", schedule
+    step_factor = 1 + 2.0 - 2 * 2.0 * step / num_steps
+    layer_factor = 1 + -0.2 - 2 * -0.2 * layer / (num_blocks - 1)
+    module_factor = 1 + 0.6 * 2.5
+    return fresh_ratio * layer_factor * step_factor * module_factor

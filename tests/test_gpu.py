@@ -29,10 +29,12 @@ def cuda(test):
     """A GPU-path test: marked ``cuda`` (``pytest -m cuda`` selects them, results/gpu/run.sh runs them first)."""
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
-#: every caching path of the engine: full, reuse, token subsets with attention scores, spans, subsets.
+#: every caching path of the engine: full, reuse, token subsets with attention scores, spans, subsets,
+#: forecasts (kept across steps: a CUDA graph's output buffer must not be), spans keeping the last output.
 METHODS = [("full", "full", {}), ("fora", "fora", {"interval": 2}), ("toca", "toca", {}),
            ("deepcache", "deepcache", {}),
-           ("tokencache", "tokencache", {"token_choice": "random", "block_selection": "uniform"})]
+           ("tokencache", "tokencache", {"token_choice": "random", "block_selection": "uniform"}),
+           ("taylorseer", "taylorseer", {}), ("duca", "duca", {})]
 
 
 

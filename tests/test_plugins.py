@@ -21,7 +21,7 @@ from tokencache.cache import registry
 from tokencache.sampling import draw_labels, generate, sample_generators
 
 BASELINES = Path(__file__).resolve().parents[1] / "baselines"
-BUILT_IN = {"full", "steps", "fora", "toca", "deepcache", "l2c", "tokencache"}
+BUILT_IN = {"full", "steps", "fora", "toca", "taylorseer", "duca", "deepcache", "l2c", "tokencache"}
 
 
 @pytest.fixture
