@@ -208,6 +208,7 @@ class CacheEngine:
         if self.method.passthrough:  # counts per row with rows = 0: every token of every block
             self.record.token_sums[step] = self.num_tokens
             self.record.block_sums[step] = 1
+            self.record.branch_row_sums[step] = 1
         self.method.begin_step(step)
 
     # ------------------------------------------------------------------ CacheContext: blocks
