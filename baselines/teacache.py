@@ -52,7 +52,8 @@ RMS error (``resolved()`` shows them) and its points (the calibration figure).
   shift_msa, scale_msa) with the shift and scale from block 0's adaLN of c = t_emb + y_emb (so it
   also carries the class label, which DiT conditions on through adaLN); on MDTv2 the same at the
   first encoder block. Each step computes it once more than the model does.
-* The coefficients are fitted per backbone and sampler (a file is checked against both).
+* The coefficients are fitted per backbone and sampler (a file is checked against both), and
+  per decision unit: ``cfg="separate"`` needs its own file (calibration ``teacache-per-row``).
 * First and last step by the sampling step index (the call-counter form).
 
 Overhead counters (per batch row): ``signal_modulation`` — block 0's adaLN Linear(D, 6D) on c and
@@ -192,7 +193,7 @@ class TeaCacheCoefficients(Calibration):
     def fit(self, method, model, sampler, sampling, progress=False, log=None):
         if sampler.steps < 2:
             raise ValueError(f"teacache: {sampler.name} has no pair of consecutive steps to fit on")
-        x, y = self.points(model, sampler, sampling, progress, per_row=getattr(method, "cfg", "together") == "separate")
+        x, y = self.points(model, sampler, sampling, progress, per_row=method.cfg == "separate")
         result = fit_polynomial(x.numpy(), y.numpy(), self.degree)
         coefficients = torch.tensor(result["coefficients"], dtype=torch.float64)
         tensors = {"coefficients": coefficients, "points_x": x, "points_y": y,
@@ -258,6 +259,10 @@ class TeaCache(CacheMethod):
 
     def resolved(self):
         return {**self.params(), "polynomial": self.polynomial, **self.fit_quality}
+
+    def calibration_id(self):
+        """Per-row decisions (``cfg="separate"``) measure other changes: their polynomial is another file."""
+        return self.name if self.cfg == "together" else f"{self.name}-per-row"
 
     def overhead_macs(self, shape):
         n, d = shape.tokens, shape.hidden

@@ -312,8 +312,15 @@ def test_a_sample_decides_alone(name, params, family, models, tmp_path):
     """One sample's decisions and image are the same alone and in a batch (rows deciding both ways)."""
     model = models[family]
     if name == "teacache":
-        params = dict(params, coefficients=calibration_file(tmp_path / "c.pt", "teacache", model, SAMPLER,
-                                                            coefficients=torch.tensor(POLY, dtype=torch.float64)))
+        path = calibration_file(tmp_path / "c.pt", "teacache", model, SAMPLER,
+                                coefficients=torch.tensor(POLY, dtype=torch.float64))
+        if params["cfg"] == "separate":
+            from tokencache.cache.calibration import save_calibration
+
+            method = get_method("teacache", cfg="separate")
+            save_calibration(path, method, model, parse_sampler(SAMPLER),
+                             {"coefficients": torch.tensor(POLY, dtype=torch.float64)})
+        params = dict(params, coefficients=path)
     together, batch, engine = engine_run(model, get_method(name, **params), indices=range(6))
     history = engine.method.state.history
     mixed = [entry["reuse"] for entry in history if 0 < entry["reuse"].sum() < 12]
@@ -392,6 +399,8 @@ def test_teacache_calibration_file_round_trips(models, tmp_path):
             break
     with pytest.raises(CalibrationError, match="sampler"):
         load_calibration(method, out, model, "ddim10")
+    with pytest.raises(CalibrationError, match="teacache-per-row"):  # per-row decisions need their own fit
+        load_calibration(get_method("teacache", cfg="separate"), out, model, "ddim8")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -460,3 +469,16 @@ def test_macs_from_counts_equal_fvcore_when_rows_split(name, models, tmp_path):
     priced = sampling_macs(model, engine.summary(counts=True), cfg=False)
     signal = engine.method.overhead_macs(model_shape(model)).get("signal_modulation", 0) * rows * split
     assert traced == pytest.approx(priced["macs_per_image"] * rows + signal, abs=rows)  # per-image rounding
+
+
+def test_a_run_averages_per_row_arrays_over_its_batches():
+    """Runtime-signal methods decide per sample, so blocks_run and branch_rows differ between batches."""
+    from tokencache.run import combine_cache_summaries
+
+    def part(blocks, rows):
+        return {"counts": [[[rows * 4, rows * 4]]], "blocks_run": [[blocks]], "branch_rows": [[[rows, rows]]],
+                "skipped_fraction": 0.0}
+
+    merged = combine_cache_summaries([(3, part(1.0, 1.0)), (1, part(0.0, 0.0))])
+    assert merged["blocks_run"] == [[0.75]] and merged["branch_rows"] == [[[0.75, 0.75]]]
+    assert merged["counts_per_sample"] == [[[3.0, 3.0]]] and "counts" not in merged
