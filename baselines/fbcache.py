@@ -56,13 +56,15 @@ L1 diff, separate CFG calls (``cfg="separate"`` gives each CFG half its own deci
   own rows (conditional and null-label row together; ``cfg="separate"``: each row alone, as
   diffusers' Flux pipeline with separate cond/uncond contexts); the arithmetic is otherwise the
   official one: float32 means, the ratio compared in float64 as the Python float ``.item()``
-  gives. Every counter of the options above is per sample.
+  gives. Every counter of the options above is per sample and starts afresh with each generation
+  (cache-dit clears its cached-step list at a context's first step but keeps the continuous and
+  accumulated counters, cache_context.py:170–176).
 * The blocks are the model's transformer blocks in execution order (MDTv2's encoder in/out and
   decoder blocks; diffusers finds none of them by name, first_block_cache.py:229–233). On MDTv2 the
   reused span also carries the long skips and the decoder position embedding; a B_n that would
   cut a long skip is refused.
-* Diagnostics: ``state.history`` holds, per step, d per row (None where not measured) and the
-  reuse mask.
+* Diagnostics: ``state.history`` holds, per step, d per row (None at the first step, NaN for rows
+  that an earlier check sent to compute) and the reuse mask.
 
 Overhead counters (per batch row): ``residual_values`` — values of the signal residual
 in_{F_n} − in₀ (1 MAC-equivalent each, every step); ``signal_values`` — values compared (the

@@ -23,7 +23,9 @@ conditioning. Here: ``Span(0, L−1, reuse=…)``, the stack's residual re-added
 
 **Defaults.** δ = 0.1, the "slow" setting of the DiT-like integrations Latte and Open-Sora
 (latte.py:504, opensora.py:215; "fast" 0.2 at latte.py:515, opensora.py:226). Other models'
-defaults: FLUX 0.6 (teacache_flux.py:313), HunyuanVideo 0.15, Wan2.1 0.2. The testbed sweeps δ.
+defaults: FLUX 0.6 (teacache_flux.py:323), HunyuanVideo 0.15 (teacache_sample_video.py:222),
+Wan2.1 0.2 (teacache_generate.py:735–738). The testbed sweeps δ: a fitted polynomial has its own
+scale, so δ means something else on every model.
 ``ret_steps`` / ``final_steps``: the first / last steps always computed, 1 and 1 as in every
 integration; Wan2.1's ``--use_ret_steps`` is 5 and 0 (``TeaCache4Wan2.1/teacache_generate.py``
 886–894, counted there in calls of 2 per step).
@@ -38,7 +40,9 @@ per calibration sample between consecutive steps of the model's own full traject
 from the evaluation seeds), y of the raw network output of the sample's rows (eps and variance
 channels, before the guidance combines them; ``target="residual"``: of the block stack's residual
 instead, the quantity that is reused), all steps pooled, degree 4. The file records the fit's R² and
-RMS error (``resolved()`` shows them) and its points (the calibration figure).
+RMS error (``resolved()`` shows them) and its points (the calibration figure). As in the official
+code, nothing bounds the polynomial: a quartic fit can be negative or decreasing over part of the
+range it was fitted on, and then a small change lowers the accumulator.
 
 **What is ours.**
 
