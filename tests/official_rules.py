@@ -10,9 +10,19 @@ sampling run; the tests compare it with what the engine recorded.
 * Learning-to-Cache — horseee/learning-to-cache @ d6cc7817842e1353b8d902af263bab030b8478da, ``DiT/``
 * TaylorSeer — Shenyi-Z/TaylorSeer @ 288776dfd0cbb6e201c654c31cd22139f848a6cf, ``TaylorSeer-DiT/``
 * DuCa — Shenyi-Z/DuCa @ 0a7151b7bfea3822295e8d29f26cd2e10756670c, ``DuCa-DiT/``
+* First-Block Cache — huggingface/diffusers @ 58eb52c0803ea9af3abec60841c2a093bdf1f951,
+  ``src/diffusers/hooks/first_block_cache.py``; cache-dit — vipshop/cache-dit @
+  f86744af7daa0f569fe4324e73e3e50cebf70f4c, ``src/cache_dit/caching/``
+* TeaCache — ali-vilab/TeaCache @ 7c10efc4702c6b619f47805f7abe4a7a08085aa0,
+  ``eval/teacache/experiments/latte.py``
+
+The First-Block Cache and TeaCache transcriptions are whole forwards (hooks, or a replacement of
+the model's forward as the official integrations do), run on a batch of one sample, where the
+official batch-wide decision is that sample's decision.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -360,3 +370,238 @@ def _duca_fresh_ratio(schedule, fresh_ratio, step, num_steps, layer, num_blocks)
     layer_factor = 1 + -0.2 - 2 * -0.2 * layer / (num_blocks - 1)
     module_factor = 1 + 0.6 * 2.5
     return fresh_ratio * layer_factor * step_factor * module_factor
+
+
+# ------------------------------------------------------------------- First-Block Cache (diffusers)
+
+
+class FBCSharedBlockState:
+    """``first_block_cache.py`` 51–62."""
+
+    def __init__(self):
+        self.head_block_output = None
+        self.head_block_residual = None
+        self.tail_block_residuals = None
+        self.should_compute = True
+
+
+class DiffusersFirstBlockCache:
+    """``FBCHeadBlockHook`` (65–142) and ``FBCBlockHook`` (145–190) around a model's blocks.
+
+    ``head(original_forward, hidden_states, ...)`` wraps the first block, ``block(...)`` every
+    other, ``block(..., is_tail=True)`` the last (``apply_first_block_cache`` 226–246). No encoder
+    stream. ``log`` records, per call of the head, ``(diff or None, should_compute)``.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.state = FBCSharedBlockState()
+        self.log = []
+
+    def head(self, original_forward, hidden_states, *args, **kwargs):
+        original_hidden_states = hidden_states
+        output = original_forward(hidden_states, *args, **kwargs)
+        hidden_states_residual = output - original_hidden_states
+        shared_state = self.state
+        should_compute = self._should_compute_remaining_blocks(hidden_states_residual)
+        shared_state.should_compute = should_compute
+        if not should_compute:
+            return shared_state.tail_block_residuals[0] + output
+        shared_state.head_block_output = output
+        shared_state.head_block_residual = hidden_states_residual
+        return output
+
+    def _should_compute_remaining_blocks(self, hidden_states_residual) -> bool:
+        shared_state = self.state
+        if shared_state.head_block_residual is None:
+            self.log.append((None, True))
+            return True
+        prev_hidden_states_residual = shared_state.head_block_residual
+        absmean = (hidden_states_residual - prev_hidden_states_residual).abs().mean()
+        prev_hidden_states_absmean = prev_hidden_states_residual.abs().mean()
+        diff = (absmean / prev_hidden_states_absmean).item()
+        self.log.append((diff, diff > self.threshold))
+        return diff > self.threshold
+
+    def block(self, original_forward, hidden_states, *args, is_tail=False, **kwargs):
+        original_hidden_states = hidden_states
+        shared_state = self.state
+        if shared_state.should_compute:
+            output = original_forward(hidden_states, *args, **kwargs)
+            if is_tail:
+                hidden_states_residual = output - shared_state.head_block_output
+                shared_state.tail_block_residuals = (hidden_states_residual, None)
+            return output
+        return original_hidden_states
+
+
+# ------------------------------------------------------------------- cache-dit (DBCache, F_n B_n)
+
+
+class CacheDiTContext:
+    """``cache_context.py`` (``CachedContext``) and ``cache_manager.py`` (``can_cache``, ``similarity``)
+    for one context without separate CFG, no steps_computation_mask, no token selection."""
+
+    def __init__(self, residual_diff_threshold=0.08, max_warmup_steps=8, warmup_interval=1, max_cached_steps=-1,
+                 max_continuous_cached_steps=-1, max_accumulated_residual_diff_threshold=None):
+        self.residual_diff_threshold = residual_diff_threshold
+        self.max_warmup_steps = max_warmup_steps
+        self.warmup_interval = warmup_interval
+        self.max_cached_steps = max_cached_steps
+        self.max_continuous_cached_steps = max_continuous_cached_steps
+        self.max_accumulated_residual_diff_threshold = max_accumulated_residual_diff_threshold
+        self.buffers = {}
+        self.executed_steps = 0
+        self.transformer_executed_steps = 0
+        self.cached_steps = []
+        self.residual_diffs = {}
+        self.continuous_cached_steps = 0
+        self.accumulated_residual_diff = 0.0
+        self.log = []  # per step: (diff or None, can_use_cache)
+
+    def mark_step_begin(self):  # cache_context.py 147–176
+        self.transformer_executed_steps += 1
+        self.executed_steps += 1
+        if self.transformer_executed_steps - 1 == 0:
+            self.cached_steps.clear()
+            self.residual_diffs.clear()
+
+    def get_current_step(self):  # :290–291
+        return self.executed_steps - 1
+
+    def is_in_warmup(self):  # :319–346
+        return self.get_current_step() in list(range(0, self.max_warmup_steps, self.warmup_interval))
+
+    def add_residual_diff(self, diff):  # :220–230
+        step = str(self.get_current_step())
+        if step not in self.residual_diffs:
+            self.residual_diffs[step] = diff
+            if diff > 0.0:
+                self.accumulated_residual_diff += diff
+
+    def add_cached_step(self):  # :249–263
+        curr_cached_step = self.get_current_step()
+        if self.cached_steps:
+            prev_cached_step = self.cached_steps[-1]
+            if curr_cached_step - prev_cached_step == 1:
+                if self.continuous_cached_steps == 0:
+                    self.continuous_cached_steps += 2
+                else:
+                    self.continuous_cached_steps += 1
+        else:
+            self.continuous_cached_steps += 1
+        self.cached_steps.append(curr_cached_step)
+
+    def similarity(self, t1, t2, threshold):  # cache_manager.py 553–626 (no token selection)
+        if threshold <= 0.0:
+            self.add_residual_diff(-0.0)
+            return False
+        if threshold >= 1.0:
+            self.add_residual_diff(-1.0)
+            return True
+        if t1.shape != t2.shape:
+            self.add_residual_diff(-2.0)
+            return False
+        mean_diff = (t1 - t2).abs().mean()
+        mean_t1 = t1.abs().mean()
+        diff = (mean_diff / mean_t1).item()
+        self.add_residual_diff(diff)
+        self._diff = diff
+        return diff < threshold
+
+    def can_cache(self, states_tensor):  # cache_manager.py 863–956
+        self._diff = None
+        result = self._can_cache(states_tensor)
+        self.log.append((self._diff, result))
+        return result
+
+    def _can_cache(self, states_tensor):
+        if self.is_in_warmup():
+            return False
+        if self.max_cached_steps >= 0 and (len(self.cached_steps) >= self.max_cached_steps):
+            return False
+        if self.max_continuous_cached_steps >= 0 and (self.continuous_cached_steps
+                                                      >= self.max_continuous_cached_steps):
+            self.continuous_cached_steps = 0
+            return False
+        if (self.max_accumulated_residual_diff_threshold is not None
+                and self.max_accumulated_residual_diff_threshold > 0.0):
+            if self.accumulated_residual_diff >= self.max_accumulated_residual_diff_threshold:
+                return False
+        threshold = self.residual_diff_threshold
+        if threshold <= 0.0:
+            return False
+        prev_states_tensor = self.buffers.get("Fn_residual")
+        return prev_states_tensor is not None and self.similarity(prev_states_tensor, states_tensor, threshold)
+
+
+def cachedit_blocks_forward(context: CacheDiTContext, blocks, hidden_states, *args, Fn=1, Bn=0):
+    """``CachedBlocks_Pattern_Base.forward`` (pattern_base.py 198–327) over ``blocks`` (callables
+    hidden_states, *args → hidden_states), residual cache, no encoder stream."""
+    original_hidden_states = hidden_states
+    for block in blocks[:Fn]:  # call_Fn_blocks 372–389
+        hidden_states = block(hidden_states, *args)
+    Fn_hidden_states_residual = hidden_states - original_hidden_states  # _get_Fn_residual 195
+    context.mark_step_begin()
+    can_use_cache = context.can_cache(Fn_hidden_states_residual)
+    middle = blocks[Fn:] if Bn == 0 else blocks[Fn:-Bn]  # _Mn_blocks 357–364
+    if can_use_cache:
+        context.add_cached_step()
+        hidden_states = context.buffers["Bn_residual"] + hidden_states  # apply_cache 830–831
+    else:
+        context.buffers["Fn_residual"] = Fn_hidden_states_residual
+        before = hidden_states
+        for block in middle:  # call_Mn_blocks 391–427
+            hidden_states = block(hidden_states, *args)
+        context.buffers["Bn_residual"] = hidden_states - before
+    if Bn:
+        for block in blocks[-Bn:]:  # call_Bn_blocks 429–449
+            hidden_states = block(hidden_states, *args)
+    return hidden_states
+
+
+# ---------------------------------------------------------------------------------------- TeaCache
+
+
+class TeaCacheLatte:
+    """The TeaCache branch of Latte's ``teacache_forward`` (``latte.py`` 169–192, 206, 322), with the
+    class attributes ``eval_teacache_slow`` sets (500–509), for a model whose embedded input,
+    block-0 modulation and block stack the caller supplies. ``log`` holds, per call,
+    ``(rel or None, should_calc)``."""
+
+    def __init__(self, rel_l1_thresh: float, coefficients, all_timesteps):
+        self.enable_teacache = True
+        self.rel_l1_thresh = rel_l1_thresh
+        self.coefficients = list(coefficients)
+        self.all_timesteps = list(all_timesteps)
+        self.accumulated_rel_l1_distance = 0
+        self.previous_modulated_input = None
+        self.previous_residual = None
+        self.log = []
+
+    def forward(self, hidden_states, org_timestep, modulated_inp, run_blocks):
+        """``hidden_states``: the embedded input; ``modulated_inp``: block 0's modulated input;
+        ``run_blocks(h)``: the transformer blocks on h. Returns the blocks' output."""
+        rel = None
+        if org_timestep[0] == self.all_timesteps[0] or org_timestep[0] == self.all_timesteps[-1]:
+            should_calc = True
+            self.accumulated_rel_l1_distance = 0
+        else:
+            rescale_func = np.poly1d(self.coefficients)
+            rel = ((modulated_inp - self.previous_modulated_input).abs().mean()
+                   / self.previous_modulated_input.abs().mean()).cpu().item()
+            self.accumulated_rel_l1_distance += rescale_func(rel)
+            if self.accumulated_rel_l1_distance < self.rel_l1_thresh:
+                should_calc = False
+            else:
+                should_calc = True
+                self.accumulated_rel_l1_distance = 0
+        self.previous_modulated_input = modulated_inp
+        self.log.append((rel, should_calc))
+        if not should_calc:
+            hidden_states += self.previous_residual
+            return hidden_states
+        hidden_states_origin = hidden_states.clone().detach()
+        hidden_states = run_blocks(hidden_states)
+        self.previous_residual = hidden_states - hidden_states_origin
+        return hidden_states

@@ -200,18 +200,27 @@ def _sample(req: SampleRequest, progress: bool = True) -> dict:
     return summary
 
 
+#: per-row arrays of an engine summary that a whole run averages over its samples
+PER_ROW_ARRAYS = ("blocks_run", "branch_rows")
+
+
 def combine_cache_summaries(parts: list[tuple[int, dict]]) -> dict:
     """One engine summary for a whole run from the per-batch summaries.
 
-    Fractions and decisions are the last batch's (methods decide per step and block, the same
-    for every batch); ``counts_per_sample`` (steps × blocks × [attn, mlp]) is the exact mean over
-    all samples of the tokens computed per model row, weighting each batch by its size.
+    Fractions and decisions are the last batch's (methods that decide per step and block decide
+    the same for every batch); ``counts_per_sample`` (steps × blocks × [attn, mlp]) is the exact
+    mean over all samples of the tokens computed per model row, weighting each batch by its
+    size, and so are ``blocks_run`` and ``branch_rows`` (which runtime-signal methods, deciding
+    per sample, change from batch to batch).
     """
     total = sum(n for n, _ in parts)
     merged = dict(parts[-1][1])
     counts = sum(np.asarray(p.pop("counts"), dtype=np.float64) * n for n, p in parts) / total
     merged.pop("counts", None)
     merged["counts_per_sample"] = counts.tolist()
+    for key in PER_ROW_ARRAYS:  # per-row decisions (runtime signals) differ between batches
+        if all(key in p for _, p in parts):
+            merged[key] = (sum(np.asarray(p[key], dtype=np.float64) * n for n, p in parts) / total).tolist()
     return merged
 
 
@@ -255,6 +264,10 @@ def merge_shards(paths: list[str], out: str) -> dict:
     cache = dict(shards[-1][0]["cache"])
     cache["counts_per_sample"] = (sum(np.asarray(m["cache"]["counts_per_sample"]) * n for (m, _), n in
                                       zip(shards, sizes)) / sum(sizes)).tolist()
+    for key in PER_ROW_ARRAYS:
+        if all(key in m["cache"] for m, _ in shards):
+            cache[key] = (sum(np.asarray(m["cache"][key], dtype=np.float64) * n for (m, _), n in
+                              zip(shards, sizes)) / sum(sizes)).tolist()
     return {"num_samples": int(sum(len(x) for x in labels)), "shards": len(shards), "cache": cache,
             "seconds": round(sum(m["seconds"] for m, _ in shards), 2), "request": identity,
             "model_config": shards[0][0]["model_config"], "checkpoint_sha256": shards[0][0]["checkpoint_sha256"],

@@ -70,13 +70,17 @@ class BlockInput:
 
     ``x``: the block's input (B, N, D); ``c``: the conditioning vector (B, D) (timestep and
     label embedding); ``attention_input()``: the timestep-modulated input of the block's
-    attention, modulate(LN(x), shift, scale), computed when asked (count its cost as overhead).
+    attention, modulate(LN(x), shift, scale), computed when asked (count its cost as overhead);
+    ``rows_per_sample``: how many batch rows each sample has in this model call — 2 when the
+    sampling loop runs classifier-free guidance as one doubled batch (sample i's conditional
+    row is i, its null-label row i + B/2), else 1. A method that decides per sample from all of
+    a sample's rows groups them with :meth:`sample_view`.
     """
 
-    __slots__ = ("x", "_call")
+    __slots__ = ("x", "_call", "rows_per_sample")
 
-    def __init__(self, x: torch.Tensor, call):
-        self.x, self._call = x, call
+    def __init__(self, x: torch.Tensor, call, rows_per_sample: int = 1):
+        self.x, self._call, self.rows_per_sample = x, call, rows_per_sample
 
     @property
     def c(self) -> torch.Tensor:
@@ -84,6 +88,18 @@ class BlockInput:
 
     def attention_input(self) -> torch.Tensor:
         return self._call.attention_input(self.x)
+
+    def sample_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (B, …) as (samples, rows_per_sample · …): each sample's rows side by side, in row order."""
+        return sample_view(t, self.rows_per_sample)
+
+
+def sample_view(t: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """(B, …) → (B / r, r · …): row i and rows i + B/r, i + 2B/r, … (one sample's copies) as one row."""
+    b = t.shape[0]
+    if b % rows_per_sample:
+        raise ValueError(f"a batch of {b} rows does not hold {rows_per_sample} rows per sample")
+    return t.reshape(rows_per_sample, b // rows_per_sample, -1).transpose(0, 1).reshape(b // rows_per_sample, -1)
 
 
 @dataclass
@@ -134,6 +150,8 @@ class CacheEngine:
         self._span: Optional[_ActiveSpan] = None
         self._rows: Optional[torch.Tensor] = None  # batch rows of the block running now (None: all)
         self._batch = 0
+        #: rows per sample in the model call running now (2 inside a CFG forward, see BlockInput)
+        self.rows_per_sample = 1
         self._observe = getattr(method, "observe", None)
         self._asks_blocks = type(method).block_action is not CacheMethod.block_action
         method._record = self._count_overhead
@@ -190,6 +208,7 @@ class CacheEngine:
         if self.method.passthrough:  # counts per row with rows = 0: every token of every block
             self.record.token_sums[step] = self.num_tokens
             self.record.block_sums[step] = 1
+            self.record.branch_row_sums[step] = 1
         self.method.begin_step(step)
 
     # ------------------------------------------------------------------ CacheContext: blocks
@@ -200,7 +219,8 @@ class CacheEngine:
             self._batch = self.record.rows = int(x.shape[0])
         span = self._span
         if span is None or not span.start < index <= span.end:
-            action = self.method.block_action(self.step, index, BlockInput(x, call)) if self._asks_blocks else None
+            action = (self.method.block_action(self.step, index, BlockInput(x, call, self.rows_per_sample))
+                      if self._asks_blocks else None)
             if action is None:
                 self.record.add_block(self.step, index, x.shape[0])
                 return call(x)

@@ -34,6 +34,7 @@ class Record:
         self.num_tokens = num_tokens
         self.token_sums = np.zeros((num_steps, block_count, 2), dtype=np.int64)
         self.block_sums = np.zeros((num_steps, block_count), dtype=np.int64)
+        self.branch_row_sums = np.zeros((num_steps, block_count, 2), dtype=np.int64)
         self.overhead: dict[str, np.ndarray] = {}
         self.rows = 0
         self.steps_run = 0
@@ -41,6 +42,8 @@ class Record:
 
     def add_tokens(self, step: int, block: int, branch: int, tokens: int, rows: int) -> None:
         self.token_sums[step, block, branch] += int(tokens) * int(rows)
+        if tokens > 0:
+            self.branch_row_sums[step, block, branch] += int(rows)
 
     def add_block(self, step: int, block: int, rows: int) -> None:
         self.block_sums[step, block] += int(rows)
@@ -59,6 +62,16 @@ class Record:
     def blocks_run(self) -> np.ndarray:
         """Fraction of batch rows that ran each block at each step: (steps, blocks)."""
         return self.block_sums / max(self.rows, 1)
+
+    @property
+    def branch_rows(self) -> np.ndarray:
+        """Fraction of batch rows that computed each branch on at least one token: (steps, blocks, 2).
+
+        With per-row decisions the mean count alone cannot tell "every row computed k tokens"
+        from "k/N of the rows computed all N": attention pays its LayerNorm and keys and values
+        of all N tokens in every row that computes any token, so MACs need this fraction too.
+        """
+        return self.branch_row_sums / max(self.rows, 1)
 
     def per_step(self) -> dict:
         """Per step: fractions of block-branches computed on every token / reused / partly, and of tokens."""
@@ -95,6 +108,7 @@ class Record:
         if counts:
             out["counts"] = _plain(c)
             out["blocks_run"] = _plain(self.blocks_run)
+            out["branch_rows"] = _plain(self.branch_rows)
         return out
 
 

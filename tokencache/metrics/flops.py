@@ -325,7 +325,9 @@ def sampling_macs(model: Union[nn.Module, ModelShape], cache_summary: dict, cfg:
     ``cache_summary`` is ``engine.summary(counts=True)`` or the ``cache`` entry of a run JSON
     (``tokencache.run``). Its counts are tokens computed per batch row, (steps, blocks, [attn,
     mlp]) — in a run JSON ``counts_per_sample``, the mean over samples of those per-row counts —
-    and ``blocks_run`` (steps, blocks) is 0 for a block skipped inside a reused span. Per row:
+    and ``blocks_run`` (steps, blocks) is 0 for a block skipped inside a reused span;
+    ``branch_rows`` (steps, blocks, [attn, mlp]) is the fraction of rows that computed each
+    branch (per-row decisions: some rows run a block, others skip it). Per row:
 
     * per step: patch embed, t embedder, final layer (:func:`step_fixed_macs`) — every model call;
     * per step and block that ran: adaLN 6D², and ``skip_linear`` 2·N·D² in MDTv2 skip blocks;
@@ -363,7 +365,11 @@ def sampling_macs(model: Union[nn.Module, ModelShape], cache_summary: dict, cfg:
     n, d, m = s.tokens, s.hidden, s.mlp_hidden
     ln = LAYER_NORM_MACS_PER_ELEMENT
     attn_k, mlp_k = counts[..., 0], counts[..., 1]
-    attention = np.where(attn_k > 0, ln * n * d + 2 * n * d * d + attn_k * (2 * d * d + 2 * n * d), 0.0).sum()
+    if cache_summary.get("branch_rows") is not None:  # rows that computed the attention pay its LN and K/V
+        attn_rows = np.asarray(cache_summary["branch_rows"], dtype=np.float64)[..., 0]
+        attention = (attn_rows * (ln * n * d + 2 * n * d * d) + attn_k * (2 * d * d + 2 * n * d)).sum()
+    else:  # older summaries: every row alike
+        attention = np.where(attn_k > 0, ln * n * d + 2 * n * d * d + attn_k * (2 * d * d + 2 * n * d), 0.0).sum()
     mlp = np.where(mlp_k > 0, mlp_k * (ln * d + 2 * d * m), 0.0).sum()
     skip = np.asarray(s.skip_blocks, dtype=np.float64)
     adaln = blocks_run.sum() * 6 * d * d

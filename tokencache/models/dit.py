@@ -108,9 +108,21 @@ class DiT(nn.Module):
 
 
 def cfg_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale_fn) -> torch.Tensor:
-    """Shared CFG rule of DiT and MDT; ``scale_fn(t_half)`` gives the guidance scale."""
+    """Shared CFG rule of DiT and MDT; ``scale_fn(t_half)`` gives the guidance scale.
+
+    An attached cache context is told that each sample has two rows in this forward (row i and
+    row i + B/2: ``rows_per_sample``), so that a method deciding per sample sees both.
+    """
     half = x[: len(x) // 2]
-    out = model.forward(torch.cat([half, half], dim=0), t, y)
+    ctx = getattr(model, "cache_context", None)
+    layout = ctx is not None and hasattr(ctx, "rows_per_sample")
+    if layout:
+        ctx.rows_per_sample = 2
+    try:
+        out = model.forward(torch.cat([half, half], dim=0), t, y)
+    finally:
+        if layout:
+            ctx.rows_per_sample = 1
     n = guided_channels(model.in_channels)
     eps, rest = out[:, :n], out[:, n:]
     cond, uncond = torch.split(eps, len(eps) // 2, dim=0)

@@ -34,6 +34,8 @@ class CacheContext(Protocol):
     attached method decides. ``fn(x, tokens=…)`` computes the branch for the token subset
     ``tokens`` (B, k) only, ``fn(x, rows=…)`` for the batch rows ``rows`` of ``x`` only.
     ``block(index, call, x)`` must return ``call(x)``, the block's output (a :class:`BlockCall`).
+    A context with a ``rows_per_sample`` attribute is told, for the duration of a CFG forward,
+    that each sample has two rows, i and i + B/2 (:func:`tokencache.models.dit.cfg_forward`).
     """
 
     def branch(self, block: int, name: str, fn: BranchFn, x: torch.Tensor) -> torch.Tensor: ...

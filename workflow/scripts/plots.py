@@ -225,8 +225,9 @@ def calibration_figure(files: list[str], out) -> None:
         calibration = method_class(record["method"]).calibration()
         ax.grid(False)
         if calibration.figure(record["tensors"], ax, title):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            if getattr(calibration, "integer_axes", True):  # step and block axes (TeaCache's are continuous)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             drawn += 1
         else:
             ax.set_axis_off()
