@@ -53,8 +53,13 @@ def test_runs_are_interleaved_and_warmup_is_excluded(timed):
     expected = [(r, b, label) for r in range(3) for b in (1, 3) for label, _, _ in METHODS]
     assert [(e["round"], e["batch_size"], e["label"]) for e in events] == expected
     assert [e["warmup"] for e in events] == [r == 0 for r, _, _ in expected]
-    assert [(c[0], c[1]) for c in clock.calls] == [(label, b) for _, b, label in expected]
+    decision_round = [(label, b) for b in (1, 3) for label, _, _ in METHODS]  # after the timed rounds
+    assert [(c[0], c[1]) for c in clock.calls] == [(label, b) for _, b, label in expected] + decision_round
     assert all(row["repeats"] == 2 and len(row["sampling_s"]["values"]) == 2 for row in rows)
+    # the decision round's hooks are timed apart: reference and passthrough methods decide nothing
+    by = {(r["label"], r["batch_size"]): r for r in rows}
+    assert by[("full", 1)]["decision_s"] == 0 and by[("fora2", 3)]["decision_s"] == 0  # the fake clock never moved
+    assert all(r["decision_share"] == 0 for r in rows)
 
 
 def test_every_method_samples_the_same_noise_and_labels(timed):
@@ -151,3 +156,16 @@ def test_cuda_clock_reads_wait_for_the_device(monkeypatch):
     latency._now(torch.device("cuda"))
     latency._now(torch.device("cpu"))
     assert len(synced) == 1
+
+
+def test_decision_time_is_measured_apart(tiny_dit):
+    """The hooks' time is measured in a round of its own: positive for a method that scores tokens."""
+    rows = measure_latency(tiny_dit, [("full", "full", {}), ("toca", "toca", {"fresh_ratio": 0.3})], sampler="ddim6",
+                           batch_sizes=[2], repeats=1, warmup=0)
+    by = {r["label"]: r for r in rows}
+    assert 0 < by["toca"]["decision_s"] and 0 < by["toca"]["decision_share"] < 1
+    assert by["full"]["decision_share"] < by["toca"]["decision_share"]
+    assert len(by["toca"]["sampling_s"]["values"]) == 1  # the decision round is not a timed repeat
+    no_round = measure_latency(tiny_dit, [("full", "full", {})], sampler="ddim3", repeats=1, warmup=0,
+                               decision_timing=False)
+    assert no_round[0]["decision_s"] is None

@@ -315,7 +315,10 @@ class CacheEngine:
             if action.store:
                 self._put(key, out)
             self.record.add_tokens(self.step, block, key[1], self.num_tokens, rows)
-            self._observed(block, name, x, out, attention)
+            # under CUDA graphs the graph's output is overwritten by its next replay: hand the
+            # method the stored copy, which it may keep across steps
+            kept = self._outputs[key] if action.store and self.clone_stored and self._rows is None else out
+            self._observed(block, name, x, kept, attention)
             return out
         if isinstance(action, Reuse):
             if action.rows is None:
