@@ -39,7 +39,7 @@ def _existing_ancestor(folder: Path) -> Path:
     return folder
 
 
-def _probe_write(folder: Path) -> None:
+def probe_write(folder: Path) -> None:
     """Create and delete a file in ``folder`` (what a write will do); OSError if that fails."""
     with tempfile.TemporaryFile(dir=folder, prefix=".tokencache-write-probe."):
         pass
@@ -62,7 +62,7 @@ def check_output_file(path: PathLike, needed_bytes: int = 0, what: str = "--out"
     try:
         if existing != folder.absolute():
             folder.mkdir(parents=True, exist_ok=True)
-        _probe_write(folder)
+        probe_write(folder)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ValueError(f"{what} {path}: cannot write in {folder.absolute()} ({reason}); choose another {what} "

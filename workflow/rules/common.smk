@@ -7,7 +7,10 @@ from snakemake.utils import validate
 
 def validate_config():
     """Schema validation (fills defaults); a mistake ends in one line naming the key, e.g.
-    ``config: num_samples: -8 is less than the minimum of 1``."""
+    ``config: num_samples: -8 is less than the minimum of 1``. ``--config report=false`` arrives
+    as the string "false" (Snakemake's command-line parsing), which means the boolean."""
+    if isinstance(config.get("report"), str) and config["report"].lower() in ("true", "false"):
+        config["report"] = config["report"].lower() == "true"
     try:
         validate(config, schema="../schemas/config.schema.yaml")
     except WorkflowError as err:
@@ -191,7 +194,7 @@ def evaluator_files():
     return f"{RESULTS}/evaluator/digits_cnn.pt", f"{RESULTS}/reference/digits_test.npz"
 
 
-EVALUATOR, REFERENCE = evaluator_files() if FEATURES == "digits" else (None, None)
+EVALUATOR, REFERENCE = evaluator_files()  # (the `evaluate` rule exists for every config; inception uses its own)
 #: bootstrap intervals of the evaluation (resamples 0: none) and the seed of the shared index sets
 BOOTSTRAP = {"resamples": 1000, "seed": 0, **config.get("bootstrap", {})}
 
@@ -206,25 +209,6 @@ def image_side(preset):
     official = OFFICIAL_WEIGHTS.get(os.path.basename(backbone_checkpoint(preset) or "")) if name else None
     kw.update(official.overrides if official else {})
     return int(kw.get("input_size", 32)) * (8 if kw.get("in_channels", 4) == 4 else 1)
-
-
-def check_results_folder():
-    """Before any job runs (``onstart``): the results folder is writable and its disk can hold the
-    samples still to be written (runs × num_samples images of each backbone's size). One line each."""
-    from tokencache.checks import check_output_file, human_bytes, sample_file_bytes
-
-    needed = 0
-    missing = 0
-    for d in run_dirs():
-        if not os.path.exists(f"{d}/samples.npz"):
-            missing += 1
-            needed += sample_file_bytes(config["num_samples"], image_side(MODEL_IDS[d.split("/")[-3]]))
-    try:
-        check_output_file(f"{RESULTS}/.write-check", needed_bytes=needed, what="results folder")
-    except ValueError as exc:
-        message = str(exc).replace(f"results folder {RESULTS}/.write-check", f"results folder {RESULTS}")
-        raise ValueError(f"{message} ({missing} runs of {config['num_samples']} samples still to write, "
-                         f"about {human_bytes(needed)})") from None
 
 
 def trained_path(kind, model, sampler):
@@ -351,3 +335,25 @@ def write_report(cfg: dict, snakefile: str) -> None:
     finally:
         os.unlink(f.name)
         tmp.unlink(missing_ok=True)
+
+
+def check_results_folder():
+    """Before any job runs (``onstart``): the results folder is writable and its disk can hold the
+    samples still to be written (runs × num_samples images of each backbone's size). One line each."""
+    import shutil
+
+    from tokencache.checks import DISK_MARGIN_BYTES, human_bytes, probe_write, sample_file_bytes
+
+    missing = [d for d in run_dirs() if not os.path.exists(f"{d}/samples.npz")]
+    needed = sum(sample_file_bytes(config["num_samples"], image_side(MODEL_IDS[d.split("/")[-3]])) for d in missing)
+    try:
+        os.makedirs(RESULTS, exist_ok=True)
+        probe_write(RESULTS)
+    except OSError as exc:
+        raise ValueError(f"results: cannot write in {RESULTS} ({exc.strerror or type(exc).__name__}): make it writable "
+                         f"or write elsewhere with --config name=OTHER") from None
+    free = shutil.disk_usage(RESULTS).free
+    if free < needed + DISK_MARGIN_BYTES:
+        raise ValueError(f"results: {len(missing)} runs of {config['num_samples']} samples need about "
+                         f"{human_bytes(needed)} in {RESULTS} but only {human_bytes(free)} are free on that disk: "
+                         f"free space, or lower num_samples")

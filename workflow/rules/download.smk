@@ -7,8 +7,6 @@ import os
 import re
 from pathlib import Path
 
-from tokencache.io import write_atomic
-
 localrules:
     download_checkpoint,
     download_vae,
@@ -98,6 +96,8 @@ if FEATURES == "inception":
             f"{RESULTS}/logs/download/reference.log",
         retries: 2
         run:
+            from tokencache.io import write_atomic
+
             digest = fetch_atomic(params.url, output.ref, params.sha256)
             write_atomic(log[0], f"{params.url} → {output.ref}\nsha256 {digest}\n")
 
@@ -112,6 +112,8 @@ if FEATURES == "inception":
         run:
             # the file name carries the first hex digits of its sha256 (torch.hub's convention)
             prefix = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(output.weights))
+            from tokencache.io import write_atomic
+
             digest = fetch_atomic(params.url, output.weights, prefix.group(1) if prefix else None)
             write_atomic(log[0], f"{params.url} → {output.weights}\nsha256 {digest}\n")
 
