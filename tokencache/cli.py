@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in COMPUTE_COMMANDS:
             p.add_argument("--threads", type=int, default=None,
-                           help="torch CPU threads (default: the CPUs available to this process)")
+                           help="torch CPU threads (default: $OMP_NUM_THREADS if set, else the CPUs available "
+                                "to this process)")
         p.set_defaults(fn=fn)
         return p
 
@@ -535,6 +536,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # glibc: no page fault per activation on every forward (tokencache/_allocator.py)
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    stderr = sys.stderr = _LineTracker(sys.stderr)  # progress bars write here: know where the line is
     try:
         check_arguments(args)
         if hasattr(args, "threads"):
@@ -542,15 +544,18 @@ def main(argv=None) -> int:
         args.fn(args)
     except KeyboardInterrupt:
         _close_progress_bars()
+        stderr.new_line()
         print("tokencache: interrupted", file=sys.stderr)
         return 130
     except (USER_ERRORS + (OSError, MemoryError)) as exc:
         if os.environ.get("TOKENCACHE_DEBUG"):
             raise
         _close_progress_bars()
+        stderr.new_line()
         print(f"tokencache: error: {error_line(exc)}", file=sys.stderr)
         return 2
     finally:
+        sys.stderr = stderr.stream
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
@@ -592,12 +597,17 @@ def check_arguments(args) -> None:
 
 
 def set_threads(threads) -> int:
-    """Set torch's CPU threads (default: the CPUs available to this process); return the number."""
+    """Set torch's CPU threads; return the number.
+
+    Default: ``OMP_NUM_THREADS`` when set (a scheduler's or the workflow's choice), else the CPUs
+    available to this process (affinity mask, cgroup quota), not torch's guess from the machine.
+    """
     import torch
 
     from tokencache.provenance import available_cpus
 
-    threads = threads or available_cpus()
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = threads or (int(env) if env.isdigit() and int(env) > 0 else available_cpus())
     torch.set_num_threads(threads)
     return threads
 
@@ -674,7 +684,8 @@ def _terminate(signum, frame):
 
 
 def _close_progress_bars() -> None:
-    """Finish any open progress bar's line, so that a message after it starts on its own line."""
+    """Close the bars an error left open now (their last state, then a newline), not at exit after
+    the message."""
     try:
         from tqdm import tqdm
 
@@ -682,6 +693,30 @@ def _close_progress_bars() -> None:
             bar.close()
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
+
+
+class _LineTracker:
+    """stderr that knows whether its last write ended a line, so that a message after a progress
+    bar (interrupted anywhere, even inside its own write) starts on a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream.stream if isinstance(stream, _LineTracker) else stream
+        self.at_line_start = True
+
+    def write(self, text):
+        if text:
+            self.at_line_start = False  # stays False if the write itself is interrupted
+            written = self.stream.write(text)
+            self.at_line_start = text.endswith("\n")
+            return written
+        return 0
+
+    def new_line(self) -> None:
+        if not self.at_line_start:
+            self.write("\n")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 if __name__ == "__main__":

@@ -46,12 +46,13 @@ def main() -> None:
     full_dir = root / "runs" / args.model / args.sampler / "full"
     full_run = json.loads((full_dir / "run.json").read_text())
     full_request, num_samples = full_run["request"], full_run["num_samples"]
+    full_metrics = json.loads((full_dir / "metrics.json").read_text())  # the evaluator and reference it used
     predictor = root / "predictors" / args.model / f"{args.sampler}.pt"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, params in SETTINGS:
             out = str(Path(tmp) / "samples.npz")
-            request = SampleRequest(checkpoint=str(root / "backbones" / f"{args.model}.pt"), out=out,
+            request = SampleRequest(checkpoint=full_request["checkpoint"], out=out,
                                     sampler=args.sampler, cfg_scale=full_request["cfg_scale"],
                                     scale_pow=full_request["scale_pow"], num_samples=num_samples,
                                     batch_size=num_samples, seed=full_request["seed"],
@@ -59,8 +60,8 @@ def main() -> None:
                                     method_params={"predictor": str(predictor), **params})
             summary = run_sampling(request, progress=False)
             macs = run_macs(summary)
-            metrics = evaluate_run(out, root / "reference" / "digits_test.npz", features="digits",
-                                   weights_path=root / "evaluator" / "digits_cnn.pt",
+            metrics = evaluate_run(out, full_metrics["reference"], features="digits",
+                                   weights_path=full_metrics["extractor"]["weights"],
                                    fidelity_to=full_dir / "samples.npz")
             rows.append({"setting": label, "macs_speedup": macs["macs_speedup"], "fid": metrics["fid"],
                          "sfid": metrics["sfid"], "psnr_to_full": metrics["psnr_to_full"],
@@ -70,8 +71,10 @@ def main() -> None:
     out_dir = root / "tables"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"tokencache_sweep_{args.model}_{args.sampler}"
-    table.to_csv(f"{stem}.csv", index=False)
-    Path(f"{stem}.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    from tokencache.io import write_atomic
+
+    write_atomic(f"{stem}.csv", table.to_csv(index=False))
+    write_atomic(f"{stem}.md", table.to_markdown(index=False, floatfmt=".4g") + "\n")
 
 
 if __name__ == "__main__":
