@@ -51,6 +51,17 @@ def test_resampled_values_equal_the_metrics_of_the_resampled_sets(features):
     assert bs.kid_values(smp, ref, ones)[0] == pytest.approx(bs.kid(smp, ref), rel=1e-9)
 
 
+def test_large_sets_take_the_per_resample_path(features, monkeypatch):
+    """Above OUTER_LIMIT (Inception features of 50,000 samples) the second moments are one product per
+    resample instead of one product with all outer products: the same values."""
+    ref, smp, _ = features
+    mu_r, sigma_r = feature_statistics(ref)
+    counts = bs.index_counts(bs.resample_indices(len(smp), 5, 0), len(smp))
+    fast = bs.frechet_values(smp, counts, mu_r, sigma_r)
+    monkeypatch.setattr(bs, "OUTER_LIMIT", 0)
+    np.testing.assert_allclose(bs.frechet_values(smp, counts, mu_r, sigma_r), fast, rtol=1e-10)
+
+
 def test_kid_is_clean_fids_and_seeded(features):
     from cleanfid.fid import kernel_distance
 

@@ -54,6 +54,8 @@ MAX_PAIRWISE = 5000
 KID_SUBSETS = 100
 KID_MAX_SUBSET = 1000
 KID_SEED = 0
+#: largest N × r² (float64 values) for which all outer products are kept at once (256 MB)
+OUTER_LIMIT = 32 << 20
 
 
 def resample_indices(n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> np.ndarray:
@@ -157,7 +159,9 @@ def frechet_values(features: np.ndarray, counts: np.ndarray, mu_ref: np.ndarray,
     basis = vecs[:, keep] * vals[keep].sqrt()                                            # A, (D, r)
     y = x @ basis                                                                         # (n, r)
     r = y.shape[1]
-    outer = (y[:, :, None] * y[:, None, :]).reshape(n, r * r)                             # y_i y_iᵀ, flattened
+    # the resamples' second moments: one product with all outer products when they fit in memory
+    # (the testbed: 200 × 99² values), else one (r × n)(n × r) product per resample (Inception at 50K)
+    outer = (y[:, :, None] * y[:, None, :]).reshape(n, r * r) if n * r * r <= OUTER_LIMIT else None
     sq_norm = (x * x).sum(dim=1)                                                          # |x_i|²
     trace_ref = torch.trace(sigma_ref_t)
     out = []
@@ -165,7 +169,10 @@ def frechet_values(features: np.ndarray, counts: np.ndarray, mu_ref: np.ndarray,
         c = torch.as_tensor(counts[lo:lo + chunk], dtype=torch.float64, device=device)  # (b, n)
         mean_x = c @ x / n                                                                # (b, D), centred
         mean_y = mean_x @ basis                                                           # (b, r)
-        second = (c @ outer).reshape(-1, r, r)                                            # Σ c_i y_i y_iᵀ
+        if outer is not None:
+            second = (c @ outer).reshape(-1, r, r)                                        # Σ c_i y_i y_iᵀ
+        else:
+            second = torch.stack([(y * w[:, None]).T @ y for w in c])
         cov_y = (second - n * mean_y[:, :, None] * mean_y[:, None, :]) / (n - 1)         # Aᵀ S_b A
         tr_sqrt = torch.linalg.eigvalsh(cov_y).clamp(min=0).sqrt().sum(dim=1)
         trace = (c @ sq_norm - n * (mean_x * mean_x).sum(dim=1)) / (n - 1)               # Tr S_b
