@@ -287,7 +287,7 @@ def test_after_kill_9_unlock_lets_the_same_command_run(tmp_path):
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert locks.is_dir() and any(locks.iterdir()), "the run never took its lock"
-    until = ["--until", "train_evaluator"]
+    until = ["--until", "train_backbone"]  # two 2-step trainings: the cheapest real jobs
     again = subprocess.run(base + until, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "--unlock" in again.stdout + again.stderr
     assert subprocess.run(base + ["--unlock"], cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0
