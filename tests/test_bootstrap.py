@@ -51,6 +51,15 @@ def test_resampled_values_equal_the_metrics_of_the_resampled_sets(features):
     assert bs.kid_values(smp, ref, ones)[0] == pytest.approx(bs.kid(smp, ref), rel=1e-9)
 
 
+def test_recall_radii_beyond_the_nearest_neighbours(features, monkeypatch):
+    """With too few sorted neighbours searched first, the radii come from all of them: the same recall."""
+    ref, smp, _ = features
+    counts = bs.index_counts(bs.resample_indices(len(smp), 8, 1), len(smp))
+    expected = bs.precision_recall_values(ref, smp, counts)[1]
+    monkeypatch.setattr(bs, "NEAREST", 2)
+    np.testing.assert_array_equal(bs.precision_recall_values(ref, smp, counts)[1], expected)
+
+
 def test_large_sets_take_the_per_resample_path(features, monkeypatch):
     """Above OUTER_LIMIT (Inception features of 50,000 samples) the second moments are one product per
     resample instead of one product with all outer products: the same values."""

@@ -54,6 +54,8 @@ MAX_PAIRWISE = 5000
 KID_SUBSETS = 100
 KID_MAX_SUBSET = 1000
 KID_SEED = 0
+#: sorted neighbours searched first for a resample's k-NN radius (all of them when that is not enough)
+NEAREST = 32
 #: largest N × r² (float64 values) for which all outer products are kept at once (256 MB)
 OUTER_LIMIT = 32 << 20
 
@@ -232,12 +234,15 @@ def precision_recall_values(ref_features: np.ndarray, sample_features: np.ndarra
     d_rs = _squared_distances(ref, smp, torch.float32)                                    # (R, N)
     order = np.argsort(d_ss, axis=1, kind="stable")
     d_sorted = np.take_along_axis(d_ss, order, axis=1)
+    near = min(n, NEAREST)  # the radius is almost always among the nearest few: look there first
     recall = np.empty(len(counts))
     for lo in range(0, len(counts), chunk):
         c = counts[lo:lo + chunk]                                                         # (b, N)
-        along = np.cumsum(c[:, order], axis=2)                                            # (b, N, N)
+        along = np.cumsum(c[:, order[:, :near]], axis=2)                                  # (b, N, near)
+        if near < n and (along[..., -1] < k + 1).any():  # some radius lies further out: all neighbours
+            along = np.cumsum(c[:, order], axis=2)
         position = np.argmax(along >= k + 1, axis=2)                                      # (b, N)
-        radii = np.take_along_axis(np.broadcast_to(d_sorted, along.shape), position[..., None], axis=2)[..., 0]
+        radii = np.take_along_axis(d_sorted[None, :, :along.shape[2]], position[..., None], axis=2)[..., 0]
         radii = np.where(c > 0, radii, -np.inf)                                           # absent: covers nothing
         covered = (d_rs[None, :, :] <= torch.as_tensor(radii, dtype=torch.float32)[:, None, :]).any(dim=2)
         recall[lo:lo + chunk] = covered.double().mean(dim=1).numpy()
