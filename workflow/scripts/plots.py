@@ -120,16 +120,26 @@ def log_axis(axis, set_scale, values, unit: str) -> None:
 
 
 def plot_points(table: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """The points a speed/quality figure draws: one per table row, with the y interval.
+    """The points a speed/quality figure draws: one per table row, with its error bar.
 
-    Every row of the table is a point. For ``psnr_to_full`` the ``full`` run (which has no
-    fidelity to itself in the table) is drawn at the PSNR cap of identical images (the same
-    value an identical cached image gets, ``tokencache.metrics.fidelity.psnr_cap``).
+    Every row of the table is a point. The bar of a cached run is the paired 95% interval of
+    its difference from ``full`` (``d_<y>_lo``/``_hi``), placed around its value: runs of one
+    model and sampler share their samples' noise and labels, so that is the interval that
+    compares them (a run's own interval over the samples, ``<y>_lo``/``_hi`` in the table, is
+    mostly the variation all runs share). Without a paired interval (PSNR and SSIM, which are
+    already paired image by image, and ``full`` itself) the run's own interval is drawn.
+    For ``psnr_to_full`` the ``full`` run (no fidelity to itself in the table) sits at the PSNR
+    cap of identical images (``tokencache.metrics.fidelity.psnr_cap``).
     """
     points = table.copy()
     lo, hi = f"{y}_lo", f"{y}_hi"
     points["y_lo"] = points[lo] if lo in points else np.nan
     points["y_hi"] = points[hi] if hi in points else np.nan
+    if f"d_{y}_lo" in points:
+        paired = points[f"d_{y}_lo"].notna() & (points.method != "full")
+        shift = points[y] - points[f"d_{y}"]
+        points.loc[paired, "y_lo"] = (shift + points[f"d_{y}_lo"])[paired]
+        points.loc[paired, "y_hi"] = (shift + points[f"d_{y}_hi"])[paired]
     if y == "psnr_to_full":
         from tokencache.metrics.fidelity import psnr_cap
 
@@ -181,7 +191,7 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
                 curve = sub[sub.method == method]
                 if curve.empty or method == "full":
                     continue
-                if method == "steps":  # fewer steps start from the full model
+                if method == "steps" and not higher_is_better:  # fewer steps start from the full model
                     curve = pd.concat([full, curve])
                 curve = curve.sort_values(x)
                 ax.plot(curve[x], curve[y], color=colour, marker=marker, ms=6, lw=1.6, zorder=3,
@@ -189,8 +199,21 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
                 for _, p in curve[(curve.method == method) & (curve.label != method)].iterrows():
                     ax.annotate(p.label, (p[x], p[y]), xytext=(4, 3), textcoords="offset points", fontsize=7,
                                 color="0.3")
+            others = sub[sub.method != "full"]
+            full_y = full[y]
+            if higher_is_better and not full.empty and not others.empty:
+                # full sits at the PSNR cap, far above the rest: clip the axis just above the runs and
+                # show full on its top edge
+                top = float(np.nanmax(others[["y_hi", y]].to_numpy(dtype=float)))
+                bottom = float(np.nanmin(others[["y_lo", y]].to_numpy(dtype=float)))
+                if full[y].max() > top + 0.25 * (top - bottom):
+                    margin = 0.08 * max(top - bottom, 1.0)
+                    ax.set_ylim(bottom - margin, top + margin)
+                    full_y = pd.Series([top + margin] * len(full), index=full.index)
+                    ax.annotate(f"full: {full[y].max():.1f} dB (identical)", (full[x].iloc[0], top + margin),
+                                xytext=(8, -10), textcoords="offset points", fontsize=7, color="0.2")
             if not full.empty:
-                ax.scatter(full[x], full[y], marker="*", s=220, color="black", zorder=4)
+                ax.scatter(full[x], full_y, marker="*", s=220, color="black", zorder=5, clip_on=False)
             log_axis(ax.xaxis, ax.set_xscale, sub[x], "×" if maximize_x else "")
             if not higher_is_better and sub[y].max() > 4 * max(sub[y].min(), 1e-9):
                 log_axis(ax.yaxis, ax.set_yscale, sub[y], "")
@@ -202,7 +225,8 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
                       label={"full": "full (no caching)", "steps": "steps (fewer sampling steps)"}.get(method, method))
                for method, (colour, marker) in styles.items()]
     handles.append(Line2D([], [], color="gold", lw=9, alpha=0.45, label="Pareto front (all points)"))
-    handles.append(Line2D([], [], color="0.4", marker="|", ms=10, ls="none", label="95% bootstrap interval"))
+    handles.append(Line2D([], [], color="0.4", marker="|", ms=10, ls="none",
+                          label="95% interval (paired with full)" if f"d_{y}_lo" in table else "95% interval"))
     fig.legend(handles=handles, loc="outside right center", title="method", frameon=False)
     fig.suptitle(title, fontsize=14)
     save_atomic(fig, out)
@@ -302,7 +326,7 @@ def main(table_csv, run_paths, predictors, out: dict) -> dict:
     data["pareto_psnr"] = speed_quality_figure(
         table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
         "Speed-up (MACs) vs fidelity to the uncached images — better is upper right", True, out["pareto_psnr"],
-        y="psnr_to_full", ylabel="PSNR to the full run, dB (higher is better; identical images capped)")
+        y="psnr_to_full", ylabel="PSNR to full, dB (higher is better)")
     token_fraction_figure(table, runs, styles, out["token_fraction"])
     if "predictor_importance" in out:
         importance_figure(used_predictors(runs, list(predictors)) or list(predictors), out["predictor_importance"])
