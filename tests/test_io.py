@@ -156,3 +156,20 @@ def test_shipped_weights_load_by_name_and_damage_is_one_line(tmp_path, monkeypat
             weights.shipped_path("DiT-digits")
     finally:
         weights.shipped_path.cache_clear()
+
+
+def test_manifest_rebuild_checksums_the_files(tmp_path):
+    """`python -m tokencache.weights DIR --manifest-only` writes the same entries as the shipped manifest
+    (the files' checksums and the commands that built them)."""
+    import shutil
+
+    from tokencache.weights import FOLDER, manifest
+    from tokencache.weights.__main__ import build
+
+    for entry in manifest().values():
+        shutil.copy(FOLDER / entry["file"], tmp_path / entry["file"])
+    rebuilt = build(tmp_path, manifest_only=True)
+    for name, entry in manifest().items():
+        assert {k: rebuilt[name][k] for k in ("file", "sha256", "bytes", "command")} == \
+               {k: entry[k] for k in ("file", "sha256", "bytes", "command")}
+    assert json.loads((tmp_path / "manifest.json").read_text()).keys() == manifest().keys()
