@@ -85,6 +85,18 @@ def test_kid_is_clean_fids_and_seeded(features):
     assert np.array_equal(np.random.get_state()[1], before)  # the caller's RNG is left alone
 
 
+def test_kid_repeats_when_evaluations_run_in_threads(features):
+    """The workflow evaluates runs in threads of one process; clean-fid's global RNG must not mix
+    their KID subsets (it did: KID moved by 2% between two identical workflow runs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref, smp, _ = features
+    expected = bs.kid(smp, ref)
+    with ThreadPoolExecutor(4) as pool:
+        values = list(pool.map(lambda _: bs.kid(smp, ref), range(24)))
+    assert values == [expected] * 24
+
+
 def test_intervals_are_recentred_and_paired_ones_are_narrower():
     rng = np.random.default_rng(1)
     shared = rng.normal(size=1000) * 2.0

@@ -39,6 +39,7 @@ the estimates), and those differences are what the tables test.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Optional
 
 import numpy as np
@@ -56,6 +57,8 @@ KID_MAX_SUBSET = 1000
 KID_SEED = 0
 #: sorted neighbours searched first for a resample's k-NN radius (all of them when that is not enough)
 NEAREST = 32
+#: held while clean-fid's KID uses NumPy's global RNG
+_GLOBAL_RNG_LOCK = threading.Lock()
 #: largest N × r² (float64 values) for which all outer products are kept at once (256 MB)
 OUTER_LIMIT = 32 << 20
 
@@ -254,17 +257,21 @@ def kid(sample_features: np.ndarray, ref_features: np.ndarray, subsets: int = KI
     """KID by clean-fid's ``kernel_distance`` (cubic polynomial kernel, unbiased MMD²), seeded.
 
     clean-fid draws its subsets from NumPy's global RNG; it is seeded here and restored after,
-    so the value is reproducible and the caller's RNG untouched.
+    under a lock, so the value is reproducible even when several evaluations run in threads of
+    one process (the workflow's in-process jobs: without the lock they interleaved their draws,
+    and KID moved by up to 2% between identical runs), and the caller's RNG is left untouched.
     """
     from cleanfid.fid import kernel_distance
 
-    state = np.random.get_state()
-    try:
-        np.random.seed(seed)
-        return float(kernel_distance(np.asarray(sample_features, np.float64), np.asarray(ref_features, np.float64),
-                                     num_subsets=subsets, max_subset_size=max_subset))
-    finally:
-        np.random.set_state(state)
+    with _GLOBAL_RNG_LOCK:
+        state = np.random.get_state()
+        try:
+            np.random.seed(seed)
+            return float(kernel_distance(np.asarray(sample_features, np.float64),
+                                         np.asarray(ref_features, np.float64),
+                                         num_subsets=subsets, max_subset_size=max_subset))
+        finally:
+            np.random.set_state(state)
 
 
 def kid_values(sample_features: np.ndarray, ref_features: np.ndarray, counts: np.ndarray,
@@ -283,15 +290,13 @@ def kid_values(sample_features: np.ndarray, ref_features: np.ndarray, counts: np
     if n > MAX_PAIRWISE:
         return None
     m = min(n, n_ref, max_subset)
-    state = np.random.get_state()
-    try:  # the subsets clean-fid draws: per subset, reference positions first, then sample positions
-        np.random.seed(seed)
-        ref_subsets = []
-        for _ in range(subsets):
-            ref_subsets.append(np.random.choice(n_ref, m, replace=False))
-            np.random.choice(n, m, replace=False)
-    finally:
-        np.random.set_state(state)
+    # the subsets clean-fid draws after np.random.seed(seed): per subset, reference positions first,
+    # then sample positions (a private RandomState with the same seed gives the same draws)
+    draws = np.random.RandomState(seed)
+    ref_subsets = []
+    for _ in range(subsets):
+        ref_subsets.append(draws.choice(n_ref, m, replace=False))
+        draws.choice(n, m, replace=False)
     k_ss = (y @ y.T / dim + 1) ** 3
     k_sr = (y @ x.T / dim + 1) ** 3
     k_rr_terms, cross = [], np.zeros(n)
