@@ -255,6 +255,9 @@ def test_threads_default_to_the_available_cpus(monkeypatch, tiny_ckpt, tmp_path)
     assert main(["sample", "--checkpoint", tiny_ckpt, "--num-samples", "1", "--sampler", "ddim2", "--quiet",
                  "--out", str(tmp_path / "s.npz")]) == 0
     assert torch.get_num_threads() == 3
+    from threadpoolctl import threadpool_info
+
+    assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {3}
     assert json.loads((tmp_path / "s.json").read_text())["provenance"]["threads"] == 3
     assert main(["sample", "--checkpoint", tiny_ckpt, "--num-samples", "1", "--sampler", "ddim2", "--quiet",
                  "--threads", "1", "--out", str(tmp_path / "s.npz")]) == 0
