@@ -85,6 +85,24 @@ def metric_differences(base: Path, other: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def resolution_changes(base: Path, other: Path) -> str:
+    """How many paired differences from full change their verdict (interval excludes 0 or not)."""
+    key = ["model", "sampler", "method"]
+    a = pd.read_csv(base / "tables" / "main.csv").set_index(key)
+    b = pd.read_csv(other / "tables" / "main.csv").set_index(key).reindex(a.index)
+    changed, total, worst = 0, 0, 0.0
+    for col in [c for c in a if c.startswith("d_") and c.endswith("_lo")]:
+        m = col[2:-3]
+        for t in (a, b):
+            t[f"_res_{m}"] = (t[col] > 0) | (t[f"d_{m}_hi"] < 0)
+        valid = a[col].notna() & b[col].notna()
+        changed += int((a.loc[valid, f"_res_{m}"] != b.loc[valid, f"_res_{m}"]).sum())
+        total += int(valid.sum())
+        worst = max(worst, float((a[col] - b[col]).abs().max()), float((a[f"d_{m}_hi"] - b[f"d_{m}_hi"]).abs().max()))
+    return (f"paired differences from full: {changed} of {total} change their verdict (interval excludes 0 or "
+            f"not); interval ends move by at most {worst:.3g}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="results folder of the reference setting")
@@ -100,7 +118,7 @@ def main(argv=None) -> int:
                  else ""))
         print(f"- routers and predictors: largest logit difference {calibration_differences(base, other):.3g}\n")
         print(metric_differences(base, other).to_markdown(index=False, floatfmt=".3g"))
-        print()
+        print(f"\n- {resolution_changes(base, other)}\n")
     return 0
 
 
