@@ -24,6 +24,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # as the workflow's evaluations
 
     from tokencache.metrics.quality import evaluate_run
     from tokencache.weights import shipped_path
