@@ -228,12 +228,11 @@ def test_download_of_an_unknown_name_fails_without_network(tmp_path, monkeypatch
 def test_download_is_atomic_and_skips_existing_files(tmp_path, monkeypatch):
     calls = []
 
-    def fake_fetch(url, dest, progress):
-        calls.append((url, os.path.basename(dest)))
-        assert os.path.dirname(dest) == str(tmp_path) and dest.endswith(".part")
+    def fake_fetch(url, out, progress, name):
+        calls.append((url, name))
+        assert [p.name for p in tmp_path.iterdir()][0].endswith(".part")  # written into a temporary file
         assert not (tmp_path / "mdt_xl2_v2_ckpt.pt").exists()  # the target appears only at the end
-        with open(dest, "wb") as f:
-            f.write(b"weights")
+        out.write(b"weights")
 
     monkeypatch.setattr(ckpt, "_fetch", fake_fetch)
     target = download_official("mdt_xl2_v2_ckpt.pt", tmp_path, progress=False)
@@ -246,9 +245,8 @@ def test_download_is_atomic_and_skips_existing_files(tmp_path, monkeypatch):
 
 
 def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken_fetch(url, dest, progress):
-        with open(dest, "wb") as f:
-            f.write(b"half")
+    def broken_fetch(url, out, progress, name):
+        out.write(b"half")
         raise CheckpointError(f"cannot download {url}: connection reset")
 
     monkeypatch.setattr(ckpt, "_fetch", broken_fetch)

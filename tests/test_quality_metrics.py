@@ -309,7 +309,25 @@ def test_psnr_matches_hand_formula():
     per_image = [10 * np.log10(255.0**2 / np.mean((a.astype(float) - b.astype(float)) ** 2)) for a, b in zip(x, y)]
     np.testing.assert_allclose(psnr(x, y, per_image=True), per_image, rtol=1e-12)
     assert psnr(x, y) == pytest.approx(np.mean(per_image), rel=1e-12)
-    assert psnr(x, x) == np.inf
+
+
+def test_psnr_of_identical_images_is_capped_not_infinite():
+    """An image equal to its twin scores the PSNR of the smallest uint8 error (one value off by one),
+    so one identical image among 200 (DiT DDPM-40 l2c) no longer makes the run's mean infinite."""
+    from tokencache.metrics.fidelity import identical, psnr_cap
+
+    rng = np.random.default_rng(13)
+    x = rng.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    y = x.copy()
+    y[1:, 0, 0, 0] ^= 8  # images 1-4 differ in one value; image 0 is identical
+    cap = psnr_cap(8 * 8 * 3)
+    assert cap == pytest.approx(10 * np.log10(255.0**2 * 192)) and cap == pytest.approx(70.9638, abs=1e-4)
+    values = psnr(x, y, per_image=True)
+    assert values[0] == cap and np.all(values[1:] < cap) and np.isfinite(psnr(x, y))
+    assert psnr(x, x) == pytest.approx(cap) and identical(x, y) == 1 and identical(x, x) == 5
+    one_level = x.copy()
+    one_level[0, 0, 0, 0] = x[0, 0, 0, 0] ^ 1 if x[0, 0, 0, 0] % 2 == 0 else x[0, 0, 0, 0] - 1
+    assert psnr(x[:1], one_level[:1]) == pytest.approx(cap)  # the cap is the smallest possible error's PSNR
 
 
 @pytest.mark.parametrize("size", [32, 8])
@@ -355,11 +373,11 @@ def test_samples_npz_write_is_atomic(tmp_path, monkeypatch):
     save_samples_npz(tmp_path / "s.npz", images)
     before = (tmp_path / "s.npz").read_bytes()
 
-    def crash(file, **arrays):
+    def crash(file, array, **kwargs):
         file.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "savez", crash)
+    monkeypatch.setattr(np.lib.format, "write_array", crash)
     with pytest.raises(KeyboardInterrupt):
         save_samples_npz(tmp_path / "s.npz", images + 1)
     assert (tmp_path / "s.npz").read_bytes() == before

@@ -8,8 +8,10 @@ predictors, 15 runs, tables, plots, report).
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -68,6 +70,14 @@ def test_smoke_tables(smoke_run):
     assert set(zip(table.model, table.sampler, table.method)) == expected_runs()
     assert len(table) == len(expected_runs())
     assert all(math.isfinite(v) for v in table.fid)
+    # every metric carries its bootstrap interval, every cached run its paired difference from full
+    for metric in ("fid", "sfid", "inception_score", "precision", "recall", "kid", "class_consistency"):
+        assert (table[f"{metric}_lo"] <= table[metric] + 1e-9).all() and (table[metric] <= table[f"{metric}_hi"] + 1e-9).all()
+    cached = table[table.method != "full"]
+    assert cached.d_fid.notna().all() and cached.d_fid_lo.notna().all() and cached.d_kid_hi.notna().all()
+    assert table[table.method == "full"].d_fid.eq(0).all()
+    assert cached.psnr_to_full.map(math.isfinite).all()  # identical smoke images: capped, not inf
+    assert (table.bootstrap_resamples == SMOKE["bootstrap"]["resamples"]).all()
     assert (table.macs_speedup > 0).all()
     assert table.loc[table.method == "full", "macs_speedup"].eq(1.0).all()
     assert set(table.loc[table.method == "full", "role"]) == {"reference"}
@@ -97,6 +107,22 @@ def test_smoke_plots_and_report(smoke_run):
     html = (results / "report.html").read_text(errors="replace")
     for item in [f"{p}.png" for p in PLOTS] + ["main.csv", "ablation.csv"]:
         assert item in html, item
+
+
+def test_every_table_row_is_in_every_plot(smoke_run, tmp_path):
+    """pareto_psnr lost the run whose mean PSNR was inf; now every row of the table is a point of
+    each speed/quality figure (the figures' data, as plots.py drew them)."""
+    _, results = smoke_run
+    plots = script("plots")
+    table = pd.read_csv(results / "tables" / "main.csv")
+    runs = sorted(str(p) for p in (results / "runs").glob("*/*/*/run.json"))
+    names = ["pareto_macs", "pareto_latency", "macs_vs_fid", "pareto_psnr", "token_fraction"]
+    data = plots.main(str(results / "tables" / "main.csv"), runs, [], {n: str(tmp_path / f"{n}.png") for n in names})
+    rows = set(zip(table.model, table.sampler, table.method))
+    for name in ("pareto_macs", "pareto_latency", "macs_vs_fid", "pareto_psnr"):
+        drawn = data[name]
+        assert set(zip(drawn.model, drawn.sampler, drawn.label)) == rows, name
+        assert drawn.psnr_to_full.notna().all() if name == "pareto_psnr" else True
 
 
 def test_no_ablation_runs_table(smoke_run, tmp_path):
@@ -154,13 +180,25 @@ def bad_config(tmp_path, change) -> str:
 
 
 @pytest.mark.parametrize("change, key, reason", [
+    (lambda c: c["samplers"].update(foo={"cfg_scale": 2.0}), "samplers.foo", "unknown sampler 'foo'"),
+    (lambda c: c["samplers"].update(ddim0={"cfg_scale": 2.0}), "samplers.ddim0", "unknown sampler 'ddim0'"),
+    (lambda c: c["samplers"].update(ddim1={"cfg_scale": 2.0}), "samplers.ddim1", "needs at least 2 steps"),
+    (lambda c: c["backbones"].update({"DiT-XXL/2": {"steps": 2}}), "backbones.DiT-XXL/2", "unknown model 'DiT-XXL/2'"),
+    (lambda c: c["methods"].update(steps0={"method": "steps", "params": {"fraction": 0}}), "methods.steps0",
+     "with sampler ddim5: sampler 'ddim1': needs at least 2 steps"),
+    (lambda c: c["backbones"].update({"DiT-S/2": {"checkpoint": "shipped"}}), "backbones.DiT-S/2.checkpoint",
+     "no shipped weights for 'DiT-S/2'"),
+    (lambda c: c["backbones"]["DiT-digits"].update(checkpoint="nowhere.pt"), "backbones.DiT-digits.checkpoint",
+     "nowhere.pt is not a file"),
     (lambda c: c["methods"].update(fora={"method": "nosuch"}), "methods.fora", "unknown method 'nosuch'"),
     (lambda c: c["methods"].update(fora={"method": "fora", "params": {"interval": -1}}), "methods.fora",
      "interval must be in 1"),
     (lambda c: c.update(num_samples=-8), "num_samples", "-8 is less than the minimum of 1"),
     (lambda c: c["backbones"]["DiT-digits"].update(cfg_scale=3.0), "backbones.DiT-digits",
      "'checkpoint' is a dependency of 'cfg_scale'"),
-], ids=["unknown-method", "negative-parameter", "negative-num-samples", "guidance-on-trained-backbone"])
+], ids=["sampler-foo", "sampler-ddim0", "sampler-ddim1", "unknown-backbone", "steps-fraction-0", "shipped-unknown",
+        "missing-checkpoint", "unknown-method", "negative-parameter", "negative-num-samples",
+        "guidance-on-trained-backbone"])
 def test_bad_config_fails_with_one_line(tmp_path, change, key, reason):
     done = snakemake("-n", "--configfile", bad_config(tmp_path, change))
     assert done.returncode != 0
@@ -188,3 +226,78 @@ def test_paper_config_dag_without_network():
     out = several.stdout + several.stderr
     assert several.returncode == 0 and "torchrun --standalone --nproc_per_node 8 -m tokencache sample" in out
     assert out.count("gpu=8") == 50
+
+
+def test_default_config_with_config_keys_and_shipped_weights():
+    """`--config key=value` changes the default config (it used to replace it), `report=false` is a
+    boolean, and the default samples from the shipped weights: no backbone or evaluator training."""
+    done = snakemake("-n", "-p", "--config", "report=false", "name=dry-default")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "rule train_backbone:" not in out and "rule train_evaluator:" not in out
+    assert "tokencache/weights/DiT-digits.pt" in out and "rule sample_shard:" in out
+
+
+def bad_run(tmp_path, *config: str) -> subprocess.CompletedProcess:
+    """A real (not dry) smoke run that must stop before any job, with one line starting "results: "."""
+    done = snakemake("--cores", "1", "--configfile", "config/smoke.yaml", "--config", *config, "report=false")
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("results: ")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "Finished jobid" not in done.stdout + done.stderr  # not one job ran
+    return lines[0]
+
+
+def test_not_enough_disk_stops_before_any_job(tmp_path):
+    name = f"disk-test-{os.getpid()}"
+    try:
+        line = bad_run(tmp_path, f"name={name}", "num_samples=1000000000000", "shard_size=1000000000000")
+        assert "samples need about" in line and "are free on that disk" in line
+        assert not (ROOT / "results" / name / "backbones").exists()
+    finally:
+        shutil.rmtree(ROOT / "results" / name, ignore_errors=True)
+
+
+def test_read_only_results_folder_stops_before_any_job(tmp_path):
+    name = f"ro-test-{os.getpid()}"
+    folder = ROOT / "results" / name
+    folder.mkdir(parents=True)
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            folder.rmdir()
+            pytest.skip("root without chattr +i")
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    try:
+        assert "cannot write in" in bad_run(tmp_path, f"name={name}")
+    finally:
+        subprocess.run(undo, check=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_after_kill_9_unlock_lets_the_same_command_run(tmp_path):
+    """A killed Snakemake leaves its lock; the same command then stops naming --unlock (README: "After a
+    crash or kill"), and after `snakemake --unlock` it runs. In a scratch folder: --unlock there cannot
+    touch the locks of a workflow running in the repository."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    base = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(ROOT / "config" / "smoke.yaml"),
+            "--config", f"reported={ROOT / 'config' / 'reported.yaml'}", "report=false", "--cores", "1"]
+    run = subprocess.Popen(base, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    locks = tmp_path / ".snakemake" / "locks"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (locks.is_dir() and any(locks.iterdir())):
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert locks.is_dir() and any(locks.iterdir()), "the run never took its lock"
+    until = ["--until", "train_backbone"]  # two 2-step trainings: the cheapest real jobs
+    again = subprocess.run(base + until, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "--unlock" in again.stdout + again.stderr
+    assert subprocess.run(base + ["--unlock"], cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0
+    done = subprocess.run(base + until, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    readme = (ROOT / "README.md").read_text()
+    assert "snakemake --unlock" in readme and "kill" in readme

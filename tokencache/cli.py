@@ -1,23 +1,38 @@
 """The ``tokencache`` command line: thin parsing around the library.
 
 Every subcommand has ``--help``; long work shows a progress bar; ``--json`` prints a
-machine-readable result; a user mistake ends with one line ``tokencache: error: …`` (exit 2)
-instead of a traceback.
+machine-readable result; a mistake in the input or the environment (a bad argument, a file
+that is not what it should be, an output folder that cannot be written, a full disk) ends with
+one line ``tokencache: error: …`` naming the fix (exit 2) instead of a traceback, and is caught
+before the long work where it can be. Compute commands take ``--threads`` (default: the CPUs
+available to the process).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
-import tokencache  # noqa: F401  (makes torchvision importable beside CPU torch)
-from tokencache._allocator import keep_freed_memory
+# OpenMP threads that wait for work sleep instead of spinning: with spinning, a second process on
+# one of the cores made torch 5-25x slower here (each parallel region waits for the descheduled
+# thread); sleeping costs nothing measurable on an idle machine. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import tokencache  # noqa: E402,F401  (makes torchvision importable beside CPU torch)
+from tokencache._allocator import keep_freed_memory  # noqa: E402
 
 #: Errors that mean "the user asked for something wrong or missing": printed as one line.
-#: Set TOKENCACHE_DEBUG=1 to see the traceback instead.
+#: Set TOKENCACHE_DEBUG=1 to see the traceback instead. OSError (permissions, full disk, …)
+#: is printed as one line too, naming the file.
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+
+#: subcommands that compute with torch: they take --threads
+COMPUTE_COMMANDS = {"train-backbone", "sample", "calibrate", "train-evaluator",
+                    "reference", "evaluate", "flops", "latency"}
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -83,24 +98,24 @@ def cmd_train_backbone(args) -> None:
               **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}}
     cfg = TrainConfig(model=args.model, overrides=parse_overrides(args.model_set), seed=args.seed, threads=args.threads,
                       loss_weighting=args.loss_weighting, grad_clip=args.grad_clip, **recipe)
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.grad_clip < 0:
-        raise ValueError("--steps and --batch-size must be ≥ 1, --lr > 0 and --grad-clip ≥ 0")
-    from tokencache.models.registry import resolve
+    from tokencache.checks import check_output_file
+    from tokencache.train import check_config
 
-    resolve(cfg.model, **cfg.overrides)  # unknown model or keyword: fail before any file is written
-    log_path = Path(args.out).with_suffix(".log.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        summary = train_backbone(cfg, args.out, progress=not args.quiet, log=log)
+    check_config(cfg)  # unknown model or keyword, bad numbers: fail before any file is written
+    check_output_file(args.out, needed_bytes=64 << 20)
+    with buffered_log(Path(args.out).with_suffix(".log.jsonl")) as log:
+        summary = train_backbone(cfg, args.out, progress=not args.quiet, log=log, ema_only=args.ema_only)
     _emit({"checkpoint": str(args.out), **summary}, args.json,
           f"wrote {args.out}: {summary['steps']} steps in {summary['seconds']} s, final loss {summary['final_loss']:.4f}")
 
 
 def cmd_sample(args) -> None:
     from tokencache.cache import parse_method_spec, reference_method
+    from tokencache.checks import check_output_file
     from tokencache.run import SampleRequest, run_sampling
 
     method, method_params = parse_method_spec(args.method or reference_method())
+    check_output_file(args.out)  # a folder, a read-only place: say so before loading the model
     request = SampleRequest(
         model=args.model, checkpoint=args.checkpoint, overrides=parse_overrides(args.model_set),
         sampler=args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, num_samples=args.num_samples,
@@ -136,6 +151,7 @@ def cmd_calibrate(args) -> None:
     """Fit a method's calibration (router, predictor, coefficients) against the frozen model."""
     from tokencache.cache import SamplingSettings, calibrate, get_method, parse_method_spec
     from tokencache.cache.methods import parse_typed
+    from tokencache.checks import check_output_file
     from tokencache.run import build_model
 
     name, params = parse_method_spec(args.method)
@@ -150,11 +166,10 @@ def cmd_calibrate(args) -> None:
         key, raw = item.split("=", 1)
         settings[key.strip()] = parse_typed(calibration, f"{name} calibration", key.strip(), raw)
     settings = calibration(**settings)
+    check_output_file(args.out)
     model = build_model(args.checkpoint, args.model)
-    log_path = Path(args.out).with_suffix(".log.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     sampling = SamplingSettings(cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, clip_denoised=args.clip_denoised)
-    with open(log_path, "w") as log:
+    with buffered_log(Path(args.out).with_suffix(".log.jsonl")) as log:
         summary = calibrate(method, model, args.sampler, settings, sampling, out=args.out, progress=not args.quiet,
                             log=log)
     _emit(summary, args.json, f"wrote {args.out} ({calibration.title} for {summary['variant']}, {summary['sampler']})")
@@ -221,6 +236,7 @@ def cmd_latency(args) -> None:
 
         vae = load_vae(args.vae, device)
     total = (args.warmup + args.repeats) * len(args.batch_sizes) * len(methods)
+    machine = machine_load_before(device, args.threads)
     with tqdm(total=total, desc="latency", disable=args.quiet) as bar:
         rows = measure_latency(model, methods, sampler=args.sampler, batch_sizes=args.batch_sizes,
                                cfg_scale=args.cfg_scale, repeats=args.repeats, warmup=args.warmup, device=str(device),
@@ -229,17 +245,53 @@ def cmd_latency(args) -> None:
                                decision_timing=args.decision_timing, on_run=lambda *a, **k: bar.update(1))
     if rows[0]["provenance"].get("graphs_compiled_while_timing"):
         print("tokencache: warning: graphs were compiled during the timed rounds; raise --warmup", file=sys.stderr)
+    machine = machine_load_after(machine, rows)
     write_latency_table(rows, args.csv, args.md)
     if args.out:
-        from tokencache.run import write_json_atomic
+        from tokencache.io import write_atomic
 
-        write_json_atomic(Path(args.out), {"rows": rows})
+        write_atomic(Path(args.out), {"rows": rows, "machine": machine})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
             print(f"{r['label']:<16} batch {r['batch_size']:>4}: {r['sampling_s']['median']:.3f} s, "
                   f"speed-up {r['speedup']:.2f}×, MACs {r['macs_speedup']:.2f}×, realization {r['realization_ratio']:.2f}")
+
+
+#: a latency row whose interquartile range exceeds this fraction of its median is flagged as noisy
+NOISY_SPREAD = 0.25
+
+
+def machine_load_before(device, threads: int) -> dict:
+    """Load average and CPUs before timing; warns when other processes use the CPUs the timing needs.
+
+    Busy: the 1-minute load average plus our threads exceed the available CPUs by more than half a CPU.
+    """
+    from tokencache.provenance import available_cpus, load_average, provenance
+
+    cpus, load = available_cpus(), load_average()
+    busy = load is not None and load + threads > cpus + 0.5
+    if busy and str(device).startswith("cpu"):
+        print(f"tokencache: warning: the machine is busy (1-minute load average {load:.2f} on {cpus} CPUs before "
+              f"timing): CPU latencies will be slow and noisy; time on an idle machine", file=sys.stderr)
+    return {"load_average_before": load, "cpus_available": cpus, "threads": threads, "busy_before": busy,
+            "provenance": provenance(str(device))}
+
+
+def machine_load_after(machine: dict, rows: list) -> dict:
+    """Adds the load after timing and the noisy rows (IQR > 25% of the median); warns about them."""
+    from tokencache.provenance import load_average
+
+    noisy = [f"{r['label']} (batch {r['batch_size']})" for r in rows
+             if r["sampling_s"]["median"] > 0 and r["sampling_s"]["iqr"] > NOISY_SPREAD * r["sampling_s"]["median"]]
+    machine = {**machine, "load_average_after": load_average(), "noisy_rows": noisy,
+               "noisy_spread": f"IQR > {NOISY_SPREAD:.0%} of the median"}
+    if noisy:
+        print(f"tokencache: warning: {len(noisy)} of {len(rows)} timings spread by more than {NOISY_SPREAD:.0%} of their "
+              f"median ({', '.join(noisy[:3])}{' …' if len(noisy) > 3 else ''}): the machine was busy or --repeats "
+              f"is too small; rerun on an idle machine", file=sys.stderr)
+    return machine
 
 
 def cmd_latency_report(args) -> None:
@@ -251,44 +303,64 @@ def cmd_latency_report(args) -> None:
 
 
 def cmd_merge(args) -> None:
+    from tokencache.checks import check_output_file
+    from tokencache.io import write_atomic
     from tokencache.run import merge_shards
 
+    check_output_file(args.out)
+    if any(Path(shard).resolve() == Path(args.out).resolve() for shard in args.shards):
+        raise ValueError(f"--out {args.out} is one of the shards: merge into a new file")
     summary = merge_shards(args.shards, args.out)
+    write_atomic(Path(args.out).with_suffix(".json"), summary)  # what `flops --run` and `sample` JSON readers take
     _emit(summary, args.json, f"merged {summary['shards']} shards, {summary['num_samples']} samples → {args.out}")
 
 
 def cmd_train_evaluator(args) -> None:
+    from tokencache.checks import check_output_file
     from tokencache.metrics.digits_evaluator import train_digits_evaluator
 
+    check_output_file(args.out)
     net = train_digits_evaluator(args.out, seed=args.seed)
     _emit({"evaluator": str(args.out), **net.meta}, args.json,
           f"wrote {args.out}: held-out accuracy {net.meta['test_accuracy']:.4f}")
 
 
 def cmd_reference(args) -> None:
+    from tokencache.checks import check_output_file
     from tokencache.data.digits import digits_to_uint8, load_digits_dataset
-    from tokencache.data.npz import load_samples_npz, save_reference_batch, sha256_file
+    from tokencache.data.npz import load_samples_npz, save_reference_batch
+    from tokencache.io import sha256_file
 
+    check_output_file(args.out)
+    if args.features == "digits" and args.weights is None:
+        raise ValueError("--features digits needs --weights (the digits evaluator .pt of `tokencache train-evaluator`, "
+                         "or `shipped`)")
     if args.images:
         images, _ = load_samples_npz(args.images)
         source = args.images
     else:
         images, source = digits_to_uint8(load_digits_dataset("test").images), "digits test split"
-    save_reference_batch(args.out, images, extractor=args.features, weights_path=args.weights)
+    save_reference_batch(args.out, images, extractor=args.features, weights_path=resolve_weights(args.weights),
+                         progress=not args.quiet)
     result = {"reference": str(args.out), "images": source, "num_images": int(len(images)),
               "features": args.features, "sha256": sha256_file(args.out)}
     _emit(result, args.json, f"wrote {args.out}: {len(images)} images from {source} ({args.features} features)")
 
 
 def cmd_evaluate(args) -> None:
+    from tokencache.checks import check_output_file
+    from tokencache.io import write_atomic
     from tokencache.metrics.quality import evaluate_run
-    from tokencache.run import write_json_atomic
 
-    result = evaluate_run(args.samples, args.reference, features=args.features, weights_path=args.weights,
-                          fidelity_to=args.fidelity_to, batch_size=args.batch_size,
-                          device=None if args.device == "auto" else args.device)
     if args.out:
-        write_json_atomic(Path(args.out), result)
+        check_output_file(args.out)  # before the work: a missing folder is made, a read-only one named
+    result = evaluate_run(args.samples, resolve_reference(args.reference), features=args.features,
+                          weights_path=resolve_weights(args.weights), fidelity_to=args.fidelity_to,
+                          batch_size=args.batch_size, device=None if args.device == "auto" else args.device,
+                          progress=not args.quiet, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
+                          bootstrap_out=bootstrap_path(args.out) if args.out else None)
+    if args.out:
+        write_atomic(Path(args.out), result)
     human = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "sfid", "inception_score", "precision", "recall",
                                                         "class_consistency", "psnr_to_full", "ssim_to_full") if result.get(k) is not None)
     _emit(result, args.json, f"{result['num_samples']} samples: {human}")
@@ -298,7 +370,7 @@ def cmd_evaluate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokencache", description=__doc__.splitlines()[0] + " See README.md.")
+    parser = OneLineParser(prog="tokencache", description=__doc__.splitlines()[0] + " See README.md.")
     parser.add_argument("--version", action="version", version=f"tokencache {tokencache.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -308,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--plugins", action="append", default=[], metavar="DIR",
                        help="also load the method plugins of this folder (repeatable; or $TOKENCACHE_PLUGINS)")
+        if name in COMPUTE_COMMANDS:
+            p.add_argument("--threads", type=int, default=None,
+                           help="CPU threads of torch and of NumPy's BLAS (default: $OMP_NUM_THREADS if set, "
+                                "else the CPUs available to this process)")
         p.set_defaults(fn=fn)
         return p
 
@@ -330,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="official (DiT: uniform ε-MSE; MDTv2: min-SNR-5) or min_snr for both (default: min_snr, "
                         "which converges several times faster on the testbed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--ema-only", action="store_true",
+                   help="write only the EMA weights and the model's settings (what sampling uses; a quarter of the size)")
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
 
     p = add("sample", cmd_sample, "sample images to an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels)")
@@ -375,19 +452,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("reference", cmd_reference, "write an ADM-style reference batch (mu, sigma, mu_s, sigma_s, arr_0)")
     p.add_argument("--images", default=None, help="images npz (arr_0 uint8 NHWC); default: the digits test split")
     p.add_argument("--features", choices=["inception", "digits"], default="digits")
-    p.add_argument("--weights", default=None, help="Inception weights file, or the digits evaluator .pt")
+    p.add_argument("--weights", default=None, help="Inception weights file, or the digits evaluator .pt "
+                                                   "(`shipped`: the one that ships with tokencache)")
     p.add_argument("--out", required=True, help="reference .npz")
 
     p = add("evaluate", cmd_evaluate, "FID, sFID, IS, precision/recall (ADM definitions) of a sample npz")
     p.add_argument("samples", help="sample .npz (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--reference", required=True, help="ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
+    p.add_argument("--reference", required=True, help="ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz; "
+                                                      "`shipped`: the digits testbed's)")
     p.add_argument("--features", choices=["inception", "digits"], default="inception")
-    p.add_argument("--weights", default=None, help="Inception weights file (offline) or the digits evaluator .pt")
+    p.add_argument("--weights", default=None, help="Inception weights file (offline) or the digits evaluator .pt "
+                                                   "(`shipped`: the one that ships with tokencache)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--fidelity-to", default=None, help="npz of the full (uncached) run with the same seed: "
                                                         "adds PSNR/SSIM of each image to its uncached twin")
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the samples for the 95%% intervals (0: none; default: 1000)")
+    p.add_argument("--bootstrap-seed", type=int, default=0,
+                   help="seed of the resampled index sets (the same for every run: intervals of differences pair up)")
+    p.add_argument("--out", default=None, help="also write the JSON here (and the bootstrap values beside it, "
+                                               "<name>.bootstrap.npz)")
 
     p = add("flops", cmd_flops, "MACs (the DiT paper's 'Gflops') of one forward, or per image of a sampling run")
     p.add_argument("--model", default=None, help="preset or family, e.g. DiT-XL/2")
@@ -449,23 +534,203 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # glibc: no page fault per activation on every forward (tokencache/_allocator.py)
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    stderr = sys.stderr = _LineTracker(sys.stderr)  # progress bars write here: know where the line is
     try:
         if args.plugins:
             from tokencache.cache import load_plugins
 
             for folder in args.plugins:
                 load_plugins(folder)
+        check_arguments(args)
+        if hasattr(args, "threads"):
+            args.threads = set_threads(args.threads)
         args.fn(args)
     except KeyboardInterrupt:
+        _close_progress_bars()
+        stderr.new_line()
         print("tokencache: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except (USER_ERRORS + (OSError, MemoryError)) as exc:
         if os.environ.get("TOKENCACHE_DEBUG"):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"tokencache: error: {message}", file=sys.stderr)
+        _close_progress_bars()
+        stderr.new_line()
+        print(f"tokencache: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        sys.stderr = stderr.stream
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+# --------------------------------------------------------------------------- failing safe
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in one line (``tokencache sample: error: … (see --help)``), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: numeric arguments and their ranges (flag name from the attribute: num_samples → --num-samples)
+NUMBER_RULES = {
+    "seed": dict(minimum=0, integer=True), "bootstrap_seed": dict(minimum=0, integer=True),
+    "start_index": dict(minimum=0, integer=True), "num_samples": dict(minimum=1, integer=True),
+    "batch_size": dict(minimum=1, integer=True), "batch_sizes": dict(minimum=1, integer=True),
+    "steps": dict(minimum=1, integer=True), "threads": dict(minimum=1, integer=True),
+    "repeats": dict(minimum=1, integer=True), "warmup": dict(minimum=0, integer=True),
+    "bootstrap": dict(minimum=0, integer=True),
+    "cfg_scale": dict(minimum=0), "scale_pow": dict(minimum=0, exclusive_minimum=True),
+    "lr": dict(minimum=0, exclusive_minimum=True), "grad_clip": dict(minimum=0),
+}
+
+
+def check_arguments(args) -> None:
+    """Every numeric argument in its range, before any work (one line naming the flag)."""
+    from tokencache.checks import check_number
+
+    for name, rule in NUMBER_RULES.items():
+        if getattr(args, name, None) is not None:
+            check_number(name, getattr(args, name), **rule)
+    if getattr(args, "bootstrap", 0) == 1:
+        raise ValueError("--bootstrap must be 0 (no intervals) or at least 2 resamples, got 1")
+
+
+def set_threads(threads) -> int:
+    """Set torch's CPU threads; return the number.
+
+    Default: ``OMP_NUM_THREADS`` when set (a scheduler's or the workflow's choice), else the CPUs
+    available to this process (affinity mask, cgroup quota), not torch's guess from the machine.
+    """
+    import torch
+
+    from tokencache.provenance import available_cpus
+
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = threads or (int(env) if env.isdigit() and int(env) > 0 else available_cpus())
+    torch.set_num_threads(threads)
+    limit_blas_threads(threads)
+    return threads
+
+
+def limit_blas_threads(threads: int) -> None:
+    """NumPy's and SciPy's BLAS (OpenBLAS) to ``threads`` too: left at one per core, their spinning
+    threads tripled the CPU time of two evaluations running side by side on two cores."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a scikit-learn dependency, declared in pyproject.toml
+        return
+    threadpool_limits(threads)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error: the message's first line; OS errors name the file and the fix."""
+    if isinstance(exc, MemoryError):
+        return "out of memory: lower --batch-size (or free memory)"
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.errno is not None:
+        where = f" ({exc.filename})" if exc.filename else ""
+        fixes = {errno.ENOSPC: "free disk space or choose another --out",
+                 errno.EDQUOT: "free disk space (quota) or choose another --out",
+                 errno.EACCES: "choose another --out or fix the permissions",
+                 errno.EPERM: "choose another --out or fix the permissions",
+                 errno.EROFS: "the file system is read-only: choose another --out",
+                 errno.EISDIR: "give a file path, not a folder",
+                 errno.ENOTDIR: "a part of the path is a file, not a folder"}
+        fix = fixes.get(exc.errno)
+        return f"{exc.strerror or type(exc).__name__}{where}" + (f": {fix}" if fix else "")
+    message = str(exc).strip()
+    if isinstance(exc, KeyError) or not message:
+        return type(exc).__name__ + (f": {message}" if message else "")
+    return message.splitlines()[0]
+
+
+def buffered_log(path):
+    """A log file written only when the command succeeds (atomically): bad arguments leave none."""
+    import contextlib
+    import io as _io
+
+    from tokencache.io import write_atomic
+
+    @contextlib.contextmanager
+    def cm():
+        buffer = _io.StringIO()
+        yield buffer
+        write_atomic(path, buffer.getvalue())
+
+    return cm()
+
+
+def resolve_weights(name):
+    """``shipped`` → the digits evaluator that ships with tokencache; anything else unchanged."""
+    if name == "shipped":
+        from tokencache.weights import shipped_path
+
+        return str(shipped_path("digits-evaluator"))
+    return name
+
+
+def resolve_reference(name):
+    """``shipped`` → the digits testbed's reference batch that ships with tokencache."""
+    if name == "shipped":
+        from tokencache.weights import shipped_path
+
+        return str(shipped_path("digits-reference"))
+    return name
+
+
+def bootstrap_path(out) -> Path:
+    """Where ``evaluate --out X.json`` writes the per-resample values: ``X.bootstrap.npz``."""
+    return Path(out).with_suffix(".bootstrap.npz")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminate(signum, frame):
+    """SIGTERM (a scheduler or Snakemake stopping the job) unwinds like Ctrl-C: no temporary file stays."""
+    raise KeyboardInterrupt
+
+
+def _close_progress_bars() -> None:
+    """Close the bars an error left open now (their last state, then a newline), not at exit after
+    the message."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+class _LineTracker:
+    """stderr that knows whether its last write ended a line, so that a message after a progress
+    bar (interrupted anywhere, even inside its own write) starts on a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream.stream if isinstance(stream, _LineTracker) else stream
+        self.at_line_start = True
+
+    def write(self, text):
+        if text:
+            self.at_line_start = False  # stays False if the write itself is interrupted
+            written = self.stream.write(text)
+            self.at_line_start = text.endswith("\n")
+            return written
+        return 0
+
+    def new_line(self) -> None:
+        if not self.at_line_start:
+            self.write("\n")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tokencache.checks import check_output_file, sample_file_bytes
 from tokencache.data.npz import save_samples_npz
+from tokencache.io import write_atomic
 from tokencache.models.checkpoints import (
     OFFICIAL_WEIGHTS,
     extract_state_dict,
@@ -26,6 +28,7 @@ from tokencache.models.checkpoints import (
 )
 from tokencache.models.registry import create_model
 from tokencache.models.vae import decode_latents, images_to_uint8, load_vae
+from tokencache.provenance import provenance
 from tokencache.sampling import draw_labels, generate, parse_sampler, sample_generators
 
 
@@ -120,8 +123,6 @@ def sample_data_parallel(req: SampleRequest, progress: bool = True) -> dict:
     """
     import torch.distributed as dist
 
-    from tokencache.io import atomic_write_json
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     gpu = req.device != "cpu" and torch.cuda.is_available()
@@ -145,7 +146,7 @@ def sample_data_parallel(req: SampleRequest, progress: bool = True) -> dict:
             summary.update(request=asdict(req), seconds=max(seconds),
                            data_parallel={"world_size": world, "backend": dist.get_backend(),
                                           "seconds_per_rank": seconds})
-            atomic_write_json(out.with_suffix(".json"), summary)
+            write_atomic(out.with_suffix(".json"), summary, "json")
             for path in files:
                 Path(path).unlink(missing_ok=True)
                 Path(path).with_suffix(".json").unlink(missing_ok=True)
@@ -167,6 +168,7 @@ def _sample(req: SampleRequest, progress: bool = True) -> dict:
     parse_sampler(req.sampler)
     device = resolve_device(req.device)
     model = build_model(req.checkpoint, req.model, req.overrides).to(device)
+    check_output_file(req.out, sample_file_bytes(req.num_samples, image_side(model)))  # full disk: say so now
     vae = load_vae(req.vae, device) if model.in_channels == 4 else None
     images, labels, summaries = [], [], []
     start = time.perf_counter()
@@ -195,7 +197,7 @@ def _sample(req: SampleRequest, progress: bool = True) -> dict:
     summary = {"num_samples": req.num_samples, "seconds": round(seconds, 2), "request": asdict(req),
                "model_config": model.config, "checkpoint_sha256": sha256_of(req.checkpoint),
                "sampler": sampler.name, "steps": sampler.steps, "device": str(device), "torch": torch.__version__,
-               "cache": combine_cache_summaries(summaries)}
+               "cache": combine_cache_summaries(summaries), "provenance": provenance(str(device))}
     write_json_atomic(Path(req.out).with_suffix(".json"), summary)
     return summary
 
@@ -225,9 +227,13 @@ def combine_cache_summaries(parts: list[tuple[int, dict]]) -> dict:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """JSON through :func:`tokencache.io.write_atomic` (kept for callers of this name)."""
+    write_atomic(path, obj, format="json")
+
+
+def image_side(model) -> int:
+    """Side in pixels of the images a model's samples decode to (latent models: the VAE's 8×)."""
+    return int(model.input_size) * (8 if model.in_channels == 4 else 1)
 
 
 def merge_shards(paths: list[str], out: str) -> dict:
@@ -268,7 +274,15 @@ def merge_shards(paths: list[str], out: str) -> dict:
         if all(key in m["cache"] for m, _ in shards):
             cache[key] = (sum(np.asarray(m["cache"][key], dtype=np.float64) * n for (m, _), n in
                               zip(shards, sizes)) / sum(sizes)).tolist()
+    shard_provenance = [m.get("provenance") or {} for m, _ in shards]
+    merged_provenance = dict(shard_provenance[0])
+    differ = sorted({k for p in shard_provenance[1:] for k in set(p) | set(merged_provenance)
+                     if k != "load_average_1min" and p.get(k) != merged_provenance.get(k)})
+    if differ:  # shards sampled on different machines or software: keep each one's record
+        merged_provenance.update(differs_between_shards=differ, shards=shard_provenance)
     return {"num_samples": int(sum(len(x) for x in labels)), "shards": len(shards), "cache": cache,
             "seconds": round(sum(m["seconds"] for m, _ in shards), 2), "request": identity,
             "model_config": shards[0][0]["model_config"], "checkpoint_sha256": shards[0][0]["checkpoint_sha256"],
-            "steps": shards[0][0]["steps"]}
+            "sampler": shards[0][0].get("sampler"), "steps": shards[0][0]["steps"],
+            "device": shards[0][0].get("device"), "torch": shards[0][0].get("torch"),
+            "provenance": merged_provenance}

@@ -45,6 +45,9 @@ def parse_sampler(name: str) -> Sampler:
     if not match or int(match.group(2)) < 1 or (match.group(3) and match.group(1) != "ddim"):
         raise ValueError(f"unknown sampler {name!r}: use ddpm<N> (e.g. ddpm250), ddim<N> (ddim50) or ddim<N>-int")
     loop, steps, integer = match.group(1), int(match.group(2)), bool(match.group(3))
+    if steps < 2:  # ADM's respacing of 1 step keeps only t = 0: no sampler at all
+        raise ValueError(f"sampler {name!r}: needs at least 2 steps (ADM's respacing of one step keeps only t = 0); "
+                         f"use {loop}2 or more")
     if steps > 1000:
         raise ValueError(f"sampler {name!r}: at most 1000 steps")
     return Sampler(name, loop, steps, f"ddim{steps}" if integer else str(steps))

@@ -11,9 +11,11 @@ cost is linear in the batch here, so more, smaller steps buy more progress per s
 linear warm-up then cosine decay, and an EMA whose decay ramps up as (1 + n)/(10 + n) so that
 the averaged weights are useful after a few hundred steps. ``TESTBED_RECIPES`` holds it per
 preset.
-Training is deterministic given the seed (fixed step count, seeded data order and noise).
-The checkpoint is DiT's training format: {"model", "ema", "opt", "args"}, with the model's
-constructor keywords in ``args["model_config"]``.
+Training is deterministic given the seed and the thread count (fixed step count, seeded data
+order and noise); on another CPU the float rounding differs from the first step on, which is why
+the testbed's trained weights ship with the package (:mod:`tokencache.weights`). The checkpoint
+is DiT's training format: {"model", "ema", "opt", "args"} (or only {"ema", "args"}), with the
+model's constructor keywords in ``args["model_config"]``.
 """
 from __future__ import annotations
 
@@ -21,16 +23,15 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from tokencache.data.digits import load_digits_dataset
 from tokencache.diffusion import create_diffusion
+from tokencache.io import write_atomic
 from tokencache.models.registry import create_model
 
 
@@ -102,18 +103,36 @@ def backbone_loss(model, diffusion, x0, y, t, weighting: str = "official") -> to
     return (weight * terms["mse"] + terms["vb"]).mean() + (weight * masked["mse"] + masked["vb"]).mean()
 
 
-def train_backbone(cfg: TrainConfig, out: str | os.PathLike, progress: bool = True, log=None) -> dict:
+def check_config(cfg: TrainConfig) -> None:
+    """Every mistake in ``cfg`` that can be found without training, as one ValueError line."""
+    from tokencache.models.registry import resolve
+
+    if cfg.steps < 1 or cfg.batch_size < 1 or not math.isfinite(cfg.lr) or cfg.lr <= 0 or not cfg.grad_clip >= 0:
+        raise ValueError("--steps and --batch-size must be ≥ 1, --lr > 0 and --grad-clip ≥ 0")
+    if cfg.loss_weighting not in ("official", "min_snr"):
+        raise ValueError(f"unknown loss weighting {cfg.loss_weighting!r}: use 'official' or 'min_snr'")
+    _, kw = resolve(cfg.model, **cfg.overrides)  # unknown model or keyword
+    if (kw.get("in_channels"), kw.get("input_size"), kw.get("num_classes")) != (1, 8, 10):
+        raise ValueError(f"{cfg.model}: the digits testbed needs in_channels=1, input_size=8, num_classes=10 "
+                         f"(use a *-digits preset, or --set in_channels=1 input_size=8 num_classes=10)")
+
+
+def train_backbone(cfg: TrainConfig, out: str | os.PathLike, progress: bool = True, log=None,
+                   ema_only: bool = False) -> dict:
     """Train ``cfg.model`` on the digits train split; write the checkpoint atomically to ``out``.
 
-    Returns a summary (steps, seconds, final losses) that is also stored in the checkpoint.
+    The checkpoint is DiT's training format ``{"model", "ema", "opt", "args"}``, or with
+    ``ema_only`` just ``{"ema", "args"}`` (what sampling uses; the shipped testbed weights).
+    ``args`` holds the model's constructor keywords, the training settings and the final loss,
+    nothing time-dependent: the same training writes the same bytes. Returns a summary (steps,
+    seconds, final loss).
     """
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = load_digits_dataset("train")
     model = create_model(cfg.model, **cfg.overrides)
-    if model.in_channels != 1 or model.input_size != 8 or model.num_classes != 10:
-        raise ValueError(f"{cfg.model}: the digits testbed needs in_channels=1, input_size=8, num_classes=10")
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion("")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -143,26 +162,13 @@ def train_backbone(cfg: TrainConfig, out: str | os.PathLike, progress: bool = Tr
             log.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr_at(step, cfg),
                                   "grad_norm": float(grad_norm)}) + "\n")
     seconds = time.perf_counter() - start
-    summary = {"steps": cfg.steps, "seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
-    checkpoint = {
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "opt": opt.state_dict(),
-        "args": {"model_config": model.config, "train": asdict(cfg), "summary": summary},
-    }
-    save_atomic(checkpoint, out)
-    return summary
-
-
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename: a killed run leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    final_loss = sum(losses[-50:]) / len(losses[-50:])
+    # the checkpoint holds nothing that depends on the clock or the machine's speed, so the same
+    # training gives the same bytes (and sha256) every time; the time is in the returned summary
+    checkpoint = {"ema": ema.state_dict(),
+                  "args": {"model_config": model.config, "train": asdict(cfg),
+                           "summary": {"steps": cfg.steps, "final_loss": final_loss}}}
+    if not ema_only:
+        checkpoint = {"model": model.state_dict(), **checkpoint, "opt": opt.state_dict()}
+    write_atomic(out, checkpoint, format="torch")
+    return {"steps": cfg.steps, "seconds": round(seconds, 1), "final_loss": final_loss}

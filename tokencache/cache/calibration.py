@@ -28,7 +28,7 @@ from typing import ClassVar, Iterator, Optional, Union
 import torch
 
 from tokencache.cache.methods import validate_params
-from tokencache.io import atomic_torch_save
+from tokencache.io import write_atomic
 from tokencache.sampling import Sampler, draw_labels, generate, parse_sampler, sample_generators
 
 
@@ -100,7 +100,7 @@ def save_calibration(path: Union[str, Path], method, model: torch.nn.Module, sam
            "sampler": sampler.name, "model": model_fingerprint(model), "method": method.name,
            "variant": method.calibration_id(), "settings": dict(settings or {}),
            "sampling": asdict(sampling) if sampling is not None else None, "training": dict(training or {})}
-    atomic_torch_save(obj, path)
+    write_atomic(path, obj, "torch")
 
 
 def load_calibration(method, path: Union[str, Path, None], model: Optional[torch.nn.Module] = None,

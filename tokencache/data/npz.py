@@ -7,44 +7,70 @@ guided-diffusion's and DiT's sampling scripts. Reference batches (e.g. ADM's
 here also store ``extractor`` (the feature extractor name) so statistics from one extractor are
 never compared with features of another.
 
-Writes are atomic (temporary file in the same directory, then ``os.replace``): an interrupted
-run never leaves a truncated npz that a later evaluation would read.
+Writes go through :func:`tokencache.io.write_atomic` (a temporary file in the same folder, then
+``os.replace``; the umask's mode; fixed zip time stamps, so equal arrays give equal bytes): an
+interrupted run never leaves a truncated npz that a later evaluation would read. Reads say in
+one line what is wrong with a file that is not what it should be (:func:`open_npz`).
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from tokencache.io import sha256_file, write_atomic  # noqa: F401  (sha256_file: imported from here too)
+
 REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "arr_0", "extractor")
 
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (reference batches are gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    write_atomic(path, arrays, format="npz")
+
+
+def open_npz(path: str | os.PathLike, what: str = "npz"):
+    """``np.load`` of an npz file, or one line saying what the file is instead and how to fix it.
+
+    Missing, empty, ``.npy``, truncated, non-zip and pickled files all end in a ValueError (or
+    FileNotFoundError) naming the file; ``allow_pickle`` stays off.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not an npz file")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head:
+        raise ValueError(f"{what} {path} is empty (0 bytes): it was not written completely; make it again")
+    if head.startswith(NPY_MAGIC):
+        raise ValueError(f"{what} {path} is a single .npy array, not an npz: save with "
+                         f"np.savez(path, arr_0=images, arr_1=labels)")
+    if not head.startswith(ZIP_MAGICS):
+        raise ValueError(f"{what} {path} is not an npz file (no zip header): make it with np.savez or tokencache")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zipfile, numpy and OS errors of a damaged archive
+        raise ValueError(f"{what} {path} cannot be read ({_reason(exc)}): it is truncated or damaged; make it again") from None
+    return data
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    if "allow_pickle" in text or "pickle" in text:
+        return "it holds pickled Python objects, not plain arrays"
+    return (text[:120] + "…" if len(text) > 120 else text) or type(exc).__name__
+
+
+def _read(data, key: str, path, what: str) -> np.ndarray:
+    try:
+        return data[key]
+    except Exception as exc:  # a damaged member shows up only when read
+        raise ValueError(f"{what} {path}: array {key} cannot be read ({_reason(exc)}): the file is truncated or "
+                         f"damaged; make it again") from None
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
@@ -67,19 +93,31 @@ def save_samples_npz(path: str | os.PathLike, images_uint8: np.ndarray, labels: 
 
 
 def load_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read ``(images, labels)`` from a samples npz; labels are None when ``arr_1`` is absent."""
-    with np.load(path) as data:
+    """Read ``(images, labels)`` from a samples npz; labels are None when ``arr_1`` is absent.
+
+    Anything else than an ADM sample batch (see :func:`open_npz`, no ``arr_0``, no images, labels
+    that do not match the images) is one ValueError line naming the file.
+    """
+    with open_npz(path, "samples") as data:
         if "arr_0" not in data.files:
-            raise ValueError(f"{path} has no arr_0 images: not an ADM sample batch")
-        images = _check_images(data["arr_0"])
-        labels = data["arr_1"] if "arr_1" in data.files else None
+            raise ValueError(f"samples {path} has no arr_0 images (arrays: {', '.join(data.files) or 'none'}): "
+                             f"not an ADM sample batch")
+        try:
+            images = _check_images(_read(data, "arr_0", path, "samples"))
+        except ValueError as exc:
+            raise ValueError(f"samples {path}: {exc}") from None
+        labels = _read(data, "arr_1", path, "samples") if "arr_1" in data.files else None
+    if len(images) == 0:
+        raise ValueError(f"samples {path} holds no images")
+    if labels is not None and labels.shape != (len(images),):
+        raise ValueError(f"samples {path}: arr_1 holds {labels.shape} labels for {len(images)} images")
     return images, labels
 
 
 def load_reference_batch(path: str | os.PathLike) -> dict[str, np.ndarray | str]:
     """Read a reference batch: whichever of mu, sigma, mu_s, sigma_s, arr_0, extractor it holds."""
-    with np.load(path) as data:
-        ref = {key: data[key] for key in REFERENCE_KEYS if key in data.files}
+    with open_npz(path, "reference batch") as data:
+        ref = {key: _read(data, key, path, "reference batch") for key in REFERENCE_KEYS if key in data.files}
     if "extractor" in ref:
         ref["extractor"] = str(ref["extractor"])
     if "arr_0" not in ref and "mu" not in ref:
@@ -94,6 +132,7 @@ def save_reference_batch(
     weights_path: str | os.PathLike | None = None,
     batch_size: int = 64,
     device: str | None = None,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Write a reference batch like ADM's: pool and spatial statistics of the images, and the images.
 
@@ -103,7 +142,8 @@ def save_reference_batch(
     from tokencache.metrics.fid import feature_statistics
 
     images = _check_images(images_uint8)
-    feats = extract_features(images, extractor, batch_size=batch_size, weights_path=weights_path, device=device)
+    feats = extract_features(images, extractor, batch_size=batch_size, weights_path=weights_path, device=device,
+                             progress=progress)
     mu, sigma = feature_statistics(feats["pool"])
     mu_s, sigma_s = feature_statistics(feats["spatial"])
     stats = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}

@@ -19,8 +19,6 @@ The extractor is registered in torch-fidelity as ``"tokencache-digits"``.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +29,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from tokencache.data.digits import DIGITS_CLASSES, DIGITS_SIZE, load_digits_dataset
+from tokencache.io import write_atomic
 
 CHECKPOINT_FORMAT = "tokencache-digits-evaluator/1"
 TORCH_FIDELITY_NAME = "tokencache-digits"
@@ -129,22 +128,18 @@ def train_digits_evaluator(
 
 def save_digits_evaluator(net: DigitsNet, path: str | os.PathLike) -> None:
     """Write weights and metadata to a small .pt file (atomically: temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, "meta": net.meta, "state_dict": net.state_dict()}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, {"format": CHECKPOINT_FORMAT, "meta": net.meta, "state_dict": net.state_dict()}, format="torch")
 
 
 def load_digits_evaluator(path: str | os.PathLike) -> DigitsNet:
     """Load a checkpoint written by ``train_digits_evaluator``; ``net.meta`` holds its metadata."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"digits evaluator {path} does not exist: make it with `tokencache train-evaluator`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for files that are not checkpoints
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise ValueError(f"{path} is not a readable digits evaluator checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a digits evaluator checkpoint: write one with train_digits_evaluator()")
     net = DigitsNet()

@@ -58,6 +58,7 @@ class FeatureExtractor:
     device: torch.device
     identity: dict = field(default_factory=dict)
     label_classifier: bool = False
+    num_classes: int = 0  # classes of the label classifier (digits: 10)
 
 
 class _InceptionADM(nn.Module):
@@ -84,7 +85,7 @@ class _InceptionADM(nn.Module):
 
 
 def _sha256(path: str) -> str:
-    from tokencache.data.npz import sha256_file
+    from tokencache.io import sha256_file
 
     return sha256_file(path)
 
@@ -123,6 +124,7 @@ def _load_inception(weights_path: str | None, device: torch.device) -> FeatureEx
 
 
 def _load_digits(weights_path: str | None, device: torch.device) -> FeatureExtractor:
+    from tokencache.data.digits import DIGITS_CLASSES
     from tokencache.metrics.digits_evaluator import (
         TORCH_FIDELITY_NAME,
         DigitsFeatureExtractor,
@@ -141,7 +143,8 @@ def _load_digits(weights_path: str | None, device: torch.device) -> FeatureExtra
     module = DigitsFeatureExtractor(TORCH_FIDELITY_NAME, ["pool", "spatial", "logits"], net=net)
     identity = {"extractor": "digits", "implementation": "tokencache DigitsNet",
                 "test_accuracy": net.meta.get("test_accuracy"), **identity}
-    return FeatureExtractor("digits", module.to(device), device, identity, label_classifier=True)
+    return FeatureExtractor("digits", module.to(device), device, identity, label_classifier=True,
+                            num_classes=DIGITS_CLASSES)
 
 
 EXTRACTORS: dict[str, Callable[[str | None, torch.device], FeatureExtractor]] = {

@@ -4,6 +4,11 @@ Every method samples with the same noise and labels as the full model (PROTOCOL.
 of a method can be compared with image i of the full model. Both metrics take uint8 images in
 the ADM layout (N, H, W, C) or (N, H, W), data range 255, and average per-image values.
 
+PSNR of an image identical to its reference is infinite; it is capped at the PSNR of the
+smallest error a uint8 image can have (one value off by one level: ``10 log10(255² · H·W·C)``,
+70.97 dB for 8×8×3), so one identical image no longer makes a run's mean infinite and every
+run keeps a finite, comparable value (:func:`psnr_cap`).
+
 SSIM is Wang et al. (2004) as scikit-image computes it with ``gaussian_weights=True,
 sigma=1.5, use_sample_covariance=False`` (Wang's population covariances): Gaussian window of 11
 taps (sigma 1.5, truncated at 3.5 sigma), K1 = 0.01, K2 = 0.03, reflect padding, the SSIM map
@@ -35,16 +40,37 @@ def _pair(images: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.nda
     return x.astype(np.float64), y.astype(np.float64)
 
 
+def psnr_cap(values_per_image: int) -> float:
+    """The PSNR an image identical to its reference is given: ``10 log10(255² · P)`` dB.
+
+    ``P`` is the number of values in an image (H·W·C). That is the PSNR of the smallest error a
+    uint8 image can have, one value off by one level (MSE = 1/P): 70.97 dB for the testbed's
+    8×8×3, 101.1 dB for 256×256×3. Every non-identical image scores at most this, so the cap
+    never reorders images and keeps means finite.
+    """
+    return float(10.0 * np.log10(DATA_RANGE**2 * values_per_image))
+
+
 def psnr(images: np.ndarray, reference: np.ndarray, per_image: bool = False) -> float | np.ndarray:
     """Peak signal-to-noise ratio ``10 log10(255² / MSE)`` per image, then the mean.
 
-    An image identical to its reference has infinite PSNR (and so has the mean).
+    An image identical to its reference (MSE 0, PSNR infinite) gets :func:`psnr_cap` instead, so
+    the mean over a run stays finite and comparable; count such images with :func:`identical`.
     """
     x, y = _pair(images, reference)
+    values_per_image = x.shape[1] * x.shape[2] * x.shape[3]
     mse = ((x - y) ** 2).mean(axis=(1, 2, 3))
-    with np.errstate(divide="ignore"):
-        values = 10.0 * np.log10(DATA_RANGE**2 / mse)
+    mse = np.maximum(mse, 1.0 / values_per_image)  # identical: the smallest non-zero error, see psnr_cap
+    values = 10.0 * np.log10(DATA_RANGE**2 / mse)
     return values if per_image else float(values.mean())
+
+
+def identical(images: np.ndarray, reference: np.ndarray) -> int:
+    """How many images equal their reference exactly (each scores :func:`psnr_cap`)."""
+    x, y = np.asarray(images), np.asarray(reference)
+    if x.shape != y.shape:
+        raise ValueError(f"images {x.shape} and reference {y.shape} must have the same shape")
+    return int((x.reshape(len(x), -1) == y.reshape(len(y), -1)).all(axis=1).sum())
 
 
 def ssim_window(height: int, width: int) -> tuple[int, float]:

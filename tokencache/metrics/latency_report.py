@@ -111,7 +111,9 @@ def plot_realization(table: pd.DataFrame, path: PathLike) -> None:
         ax.legend(fontsize=8)
     for ax in axes[len(groups):]:
         ax.set_visible(False)
-    fig.savefig(path, dpi=120)
+    from tokencache.io import write_atomic
+
+    write_atomic(path, format=lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def _provenance_lines(rows: Sequence[dict]) -> list[str]:
@@ -142,7 +144,9 @@ def write_latency_report(paths: Iterable[PathLike], out_dir: PathLike) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     table = report_table(rows)
     csv, md, plot = out / "latency.csv", out / "latency.md", out / "realization_ratio.png"
-    table.to_csv(csv, index=False)
+    from tokencache.io import write_atomic
+
+    write_atomic(csv, table.to_csv(index=False))
     plot_realization(table, plot)
     recompiled = sorted({f"{r.get('model')} {r['requested_sampler']}" for r in rows
                          if (r.get("provenance", {}).get("graphs_compiled_while_timing") or 0) > 0})
@@ -161,6 +165,6 @@ def write_latency_report(paths: Iterable[PathLike], out_dir: PathLike) -> dict:
         shown = group.drop(columns=CONFIG_COLUMNS + ([] if group["note"].notna().any() else ["note"]))
         lines += [f"## {_config_name(key)}", "", shown.to_markdown(index=False, floatfmt=".4g"), ""]
     lines += ["## Provenance", "", *_provenance_lines(rows)]
-    md.write_text("\n".join(lines) + "\n")
+    write_atomic(md, "\n".join(lines) + "\n")
     return {"csv": str(csv), "md": str(md), "plot": str(plot), "rows": len(table),
             "configurations": int(table.groupby(CONFIG_COLUMNS, dropna=False).ngroups), "short": short_table(table)}

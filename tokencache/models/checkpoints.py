@@ -7,9 +7,7 @@ keys and the preset whose layout would fit.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from tokencache.io import sha256_file, write_atomic
 
 
 class CheckpointError(ValueError):
@@ -59,9 +59,19 @@ def extract_state_dict(obj) -> dict:
     raise CheckpointError("not a state dict nor a training checkpoint with 'ema' or 'model'")
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The file of a checkpoint argument: ``shipped:DiT-digits`` is the shipped testbed file (checked)."""
+    from tokencache.weights import resolve
+
+    return Path(resolve(path))
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load`` on CPU with a one-line error for missing or unreadable files."""
-    path = Path(path)
+    """``torch.load`` on CPU with a one-line error for missing or unreadable files.
+
+    ``shipped:NAME`` reads the testbed weights that ship with the package (:mod:`tokencache.weights`).
+    """
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -168,12 +178,9 @@ def load_checkpoint(model: nn.Module, path_or_state, strict: bool = True) -> nn.
     return model
 
 
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (:func:`tokencache.io.sha256_file`); ``shipped:NAME`` as in :func:`read_checkpoint`."""
+    return sha256_file(checkpoint_file(path))
 
 
 def download_official(filename: str, folder: str | os.PathLike, progress: bool = True) -> Path:
@@ -189,28 +196,21 @@ def download_official(filename: str, folder: str | os.PathLike, progress: bool =
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / filename
     if not target.exists():
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".part")
-        os.close(fd)
-        try:
-            _fetch(spec.url, tmp, progress)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_atomic(target, format=lambda out: _fetch(spec.url, out, progress, os.path.basename(target)))
     digest = sha256_of(target)
     if spec.sha256 and digest != spec.sha256:
         raise CheckpointError(f"{target}: sha256 {digest} does not match the published {spec.sha256}; delete it and retry")
     return target
 
 
-def _fetch(url: str, dest: str, progress: bool) -> None:
+def _fetch(url: str, out, progress: bool, name: str) -> None:
+    """Stream ``url`` into the open binary file ``out``."""
     from tqdm import tqdm
 
     try:
-        with urllib.request.urlopen(url) as response, open(dest, "wb") as out:
+        with urllib.request.urlopen(url) as response:
             total = int(response.headers.get("Content-Length") or 0)
-            with tqdm(total=total or None, unit="B", unit_scale=True, desc=os.path.basename(dest),
-                      disable=not progress) as bar:
+            with tqdm(total=total or None, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))

@@ -1,11 +1,16 @@
 # Helpers shared by the rules: config validation, names of outputs.
+import os
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
 def validate_config():
     """Schema validation (fills defaults); a mistake ends in one line naming the key, e.g.
-    ``config: num_samples: -8 is less than the minimum of 1``."""
+    ``config: num_samples: -8 is less than the minimum of 1``. ``--config report=false`` arrives
+    as the string "false" (Snakemake's command-line parsing), which means the boolean."""
+    if isinstance(config.get("report"), str) and config["report"].lower() in ("true", "false"):
+        config["report"] = config["report"].lower() == "true"
     try:
         validate(config, schema="../schemas/config.schema.yaml")
     except WorkflowError as err:
@@ -47,14 +52,27 @@ FEATURES = config.get("features", "digits")
 def backbone_checkpoint(preset):
     """The checkpoint file of a backbone that is not trained by the workflow, else None.
 
-    ``checkpoint: official`` is the official 256-px file of the preset (downloaded by the
-    ``download_checkpoint`` rule, download.smk), an official file name (``DiT-XL-2-512x512.pt``)
-    is that file, anything else is a local path used as it is.
+    ``checkpoint: shipped`` is the testbed weights that ship inside tokencache (checked against
+    their sha256, tokencache/weights/), ``official`` the official 256-px file of the preset
+    (downloaded by the ``download_checkpoint`` rule, download.smk), an official file name
+    (``DiT-XL-2-512x512.pt``) is that file, anything else is a local path used as it is.
     """
     name = config["backbones"][preset].get("checkpoint")
     if name is None:
         return None
     from tokencache.models.checkpoints import OFFICIAL_WEIGHTS
+
+    if name == "shipped":
+        from tokencache.weights import shipped_names, shipped_path
+
+        if preset not in shipped_names():
+            shipped = ", ".join(n for n in shipped_names() if n.endswith("-digits"))
+            raise ValueError(f"config: backbones.{preset}.checkpoint: no shipped weights for {preset!r} (shipped: "
+                             f"{shipped}); train it with `steps: …` or give a checkpoint file")
+        try:
+            return str(shipped_path(preset))
+        except ValueError as exc:
+            raise ValueError(f"config: backbones.{preset}.checkpoint: {exc}") from None
 
     if name == "official":
         fits = [f for f, w in OFFICIAL_WEIGHTS.items() if w.preset == preset and w.overrides.get("input_size") == 32]
@@ -64,7 +82,12 @@ def backbone_checkpoint(preset):
                              f"(official presets: {known}); give a file name or a path")
         name = fits[0]
     # official files keep their names: the sampler recognises the architecture by the file name
-    return f"{DOWNLOADS}/{name}" if name in OFFICIAL_WEIGHTS else name
+    if name in OFFICIAL_WEIGHTS:
+        return f"{DOWNLOADS}/{name}"
+    if not os.path.isfile(name):
+        raise ValueError(f"config: backbones.{preset}.checkpoint: {name} is not a file (give `shipped`, `official`, "
+                         f"an official file name or the path of a checkpoint)")
+    return name
 
 
 def checkpoint_path(wildcards):
@@ -176,6 +199,64 @@ def calibration_settings(calibration):
     """The config's training settings of calibration ``calibration`` (``calibration: {id: {…}}``)."""
     settings = config.get("calibration", {}).get(calibration, {})
     return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def check_backbones_and_samplers():
+    """Backbone presets, sampler names and each method's sampler (a method may change it) are
+    checked when the DAG is built, so a typo fails before any backbone training, not minutes later."""
+    from tokencache.cache import get_method
+    from tokencache.models.registry import resolve
+    from tokencache.sampling import parse_sampler
+
+    for preset in BACKBONES:
+        try:
+            resolve(preset)
+        except ValueError as exc:
+            raise ValueError(f"config: backbones.{preset}: {exc}") from None
+    for sampler in SAMPLERS:
+        try:
+            parse_sampler(sampler)
+        except ValueError as exc:
+            raise ValueError(f"config: samplers.{sampler}: {exc}") from None
+    for label in METHODS:
+        name, params = method_of(label)
+        method = get_method(name, **{k: ("<made by the workflow>" if v == "auto" else v) for k, v in params.items()})
+        for sampler in METHODS[label].get("samplers", SAMPLERS):
+            try:
+                method.transform_sampler(parse_sampler(sampler))
+            except ValueError as exc:
+                raise ValueError(f"config: methods.{label}: with sampler {sampler}: {exc}") from None
+
+check_backbones_and_samplers()
+
+#: the digits evaluator and its reference batch: shipped with tokencache, or trained by the workflow
+EVALUATOR_SOURCE = config.get("testbed", {}).get("evaluator", "shipped")
+
+
+def evaluator_files():
+    """(evaluator .pt, reference .npz) the digits evaluation uses."""
+    if EVALUATOR_SOURCE == "shipped":
+        from tokencache.weights import shipped_path
+
+        return str(shipped_path("digits-evaluator")), str(shipped_path("digits-reference"))
+    return f"{RESULTS}/evaluator/digits_cnn.pt", f"{RESULTS}/reference/digits_test.npz"
+
+
+EVALUATOR, REFERENCE = evaluator_files()  # (the `evaluate` rule exists for every config; inception uses its own)
+#: bootstrap intervals of the evaluation (resamples 0: none) and the seed of the shared index sets
+BOOTSTRAP = {"resamples": 1000, "seed": 0, **config.get("bootstrap", {})}
+
+
+def image_side(preset):
+    """Pixels per side of a backbone's saved images (latent models decode to 8× their latent side)."""
+    from tokencache.models.checkpoints import OFFICIAL_WEIGHTS
+    from tokencache.models.registry import resolve
+
+    _, kw = resolve(preset)
+    name = config["backbones"][preset].get("checkpoint")
+    official = OFFICIAL_WEIGHTS.get(os.path.basename(backbone_checkpoint(preset) or "")) if name else None
+    kw.update(official.overrides if official else {})
+    return int(kw.get("input_size", 32)) * (8 if kw.get("in_channels", 4) == 4 else 1)
 
 
 def vae_inputs(model):
@@ -302,3 +383,25 @@ def write_report(cfg: dict, snakefile: str) -> None:
     finally:
         os.unlink(f.name)
         tmp.unlink(missing_ok=True)
+
+
+def check_results_folder():
+    """Before any job runs (``onstart``): the results folder is writable and its disk can hold the
+    samples still to be written (runs × num_samples images of each backbone's size). One line each."""
+    import shutil
+
+    from tokencache.checks import DISK_MARGIN_BYTES, human_bytes, probe_write, sample_file_bytes
+
+    missing = [d for d in run_dirs() if not os.path.exists(f"{d}/samples.npz")]
+    needed = sum(sample_file_bytes(config["num_samples"], image_side(MODEL_IDS[d.split("/")[-3]])) for d in missing)
+    try:
+        os.makedirs(RESULTS, exist_ok=True)
+        probe_write(RESULTS)
+    except OSError as exc:
+        raise ValueError(f"results: cannot write in {RESULTS} ({exc.strerror or type(exc).__name__}): make it writable "
+                         f"or write elsewhere with --config name=OTHER") from None
+    free = shutil.disk_usage(RESULTS).free
+    if free < needed + DISK_MARGIN_BYTES:
+        raise ValueError(f"results: {len(missing)} runs of {config['num_samples']} samples need about "
+                         f"{human_bytes(needed)} in {RESULTS} but only {human_bytes(free)} are free on that disk: "
+                         f"free space, or lower num_samples")

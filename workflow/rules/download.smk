@@ -13,31 +13,27 @@ localrules:
 
 
 def fetch_atomic(url, target, sha256=None):
-    """Download ``url`` to ``target`` through a temporary file in the same folder, then check it.
+    """Download ``url`` to ``target`` atomically (:func:`tokencache.io.write_atomic`), then check it.
 
     ``sha256``: the full digest, or the 8+ hex digits that torch.hub puts in file names. A
-    mismatch deletes the file and fails with one line.
+    mismatch leaves no file and fails with one line.
     """
     import hashlib
-    import os
-    import tempfile
     import urllib.request
 
-    folder = os.path.dirname(target) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".part")
+    from tokencache.io import write_atomic
+
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
+
+    def download(out):
+        with urllib.request.urlopen(url) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
                 digest.update(block)
         if sha256 and not digest.hexdigest().startswith(sha256):
             raise ValueError(f"{url}: sha256 {digest.hexdigest()} does not match {sha256}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    write_atomic(target, format=download)
     return digest.hexdigest()
 
 
@@ -68,11 +64,11 @@ rule download_vae:
         f"{RESULTS}/logs/download/vae-ema.log",
     retries: 2
     run:
+        from tokencache.io import write_atomic
         from tokencache.models.vae import VAE_REPOS, load_vae
-        from tokencache.run import write_json_atomic
 
         load_vae("ema", "cpu")
-        write_json_atomic(Path(output.marker), {"vae": "ema", "repo": VAE_REPOS["ema"]})
+        write_atomic(output.marker, {"vae": "ema", "repo": VAE_REPOS["ema"]})
 
 
 if FEATURES == "inception":
@@ -100,8 +96,10 @@ if FEATURES == "inception":
             f"{RESULTS}/logs/download/reference.log",
         retries: 2
         run:
+            from tokencache.io import write_atomic
+
             digest = fetch_atomic(params.url, output.ref, params.sha256)
-            Path(log[0]).write_text(f"{params.url} → {output.ref}\nsha256 {digest}\n")
+            write_atomic(log[0], f"{params.url} → {output.ref}\nsha256 {digest}\n")
 
     rule download_inception:
         output:
@@ -114,8 +112,10 @@ if FEATURES == "inception":
         run:
             # the file name carries the first hex digits of its sha256 (torch.hub's convention)
             prefix = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(output.weights))
+            from tokencache.io import write_atomic
+
             digest = fetch_atomic(params.url, output.weights, prefix.group(1) if prefix else None)
-            Path(log[0]).write_text(f"{params.url} → {output.weights}\nsha256 {digest}\n")
+            write_atomic(log[0], f"{params.url} → {output.weights}\nsha256 {digest}\n")
 
     rule evaluate_inception:
         # ADM's definitions on Inception features against the downloaded reference batch; in its own
@@ -127,18 +127,22 @@ if FEATURES == "inception":
             full=full_run,
         output:
             metrics=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.json",
+            boot=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.bootstrap.npz",
         log:
             f"{RESULTS}/logs/evaluate/{{model}}/{{sampler}}/{{method}}.log",
         params:
             fidelity=lambda w, input: f"--fidelity-to {input.full}" if input.full else "",
             batch=config.get("eval_batch_size", 64),
             device=config["device"],
+            resamples=BOOTSTRAP["resamples"],
+            seed=BOOTSTRAP["seed"],
         threads: THREADS
         resources:
             gpu=1 if config["device"] == "cuda" else 0,
         shell:
-            "OMP_NUM_THREADS={threads} tokencache evaluate {input.npz} --reference {input.ref} --features inception "
+            "tokencache evaluate {input.npz} --reference {input.ref} --features inception "
             "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
+            "--bootstrap {params.resamples} --bootstrap-seed {params.seed} --threads {threads} "
             "--out {output.metrics} --quiet --json > {log} 2>&1"
 
     ruleorder: evaluate_inception > evaluate

@@ -7,6 +7,7 @@ rule tables:
     input:
         metrics=[f"{d}/metrics.json" for d in run_dirs()],
         runs=[f"{d}/run.json" for d in run_dirs()],
+        bootstrap=[f"{d}/metrics.bootstrap.npz" for d in run_dirs()],  # the paired intervals' values
         reported=config["reported"],
     output:
         csv=report(f"{RESULTS}/tables/main.csv", category="Tables", caption="../report/main_table.rst"),

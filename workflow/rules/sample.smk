@@ -28,9 +28,10 @@ rule sample_shard:
     resources:
         gpu=GPUS_PER_JOB if config["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} sample --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
+        "{params.launcher} sample --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
         "{params.opts} {params.method} --seed {params.seed} --start-index {wildcards.first} --num-samples {wildcards.size} "
-        "--batch-size {params.batch} --device {params.device} --out {output.npz} --quiet --json > {log} 2>&1"
+        "--batch-size {params.batch} --device {params.device} --threads {threads} --out {output.npz} --quiet --json "
+        "> {log} 2>&1"
 
 
 rule merge_shards:
@@ -48,6 +49,7 @@ rule merge_shards:
         # in the workflow's own process: a merge is a copy, not worth a Python start-up per run
         from pathlib import Path
 
-        from tokencache.run import merge_shards, write_json_atomic
+        from tokencache.io import write_atomic
+        from tokencache.run import merge_shards
 
-        write_json_atomic(Path(output.meta), merge_shards(list(input.npz), output.npz))
+        write_atomic(output.meta, merge_shards(list(input.npz), output.npz))

@@ -1,8 +1,11 @@
-# Training stage: the testbed backbones, the digits evaluator (Inception's stand-in) and the methods'
-# calibrations (trained or fitted parts: L2C's router, TokenCache's predictor, …).
+# Training stage: the testbed backbones and the digits evaluator (Inception's stand-in), when the
+# config asks for them to be trained (by default both ship with tokencache), and the methods'
+# calibrations (their trained or fitted parts: L2C's router, TokenCache's predictor, …).
 
 
 rule train_backbone:
+    # only for backbones without `checkpoint:` (config/smoke.yaml); the default samples from the
+    # weights shipped inside tokencache (`checkpoint: shipped`), built by these same commands
     output:
         ckpt=f"{RESULTS}/backbones/{{model}}.pt",
     log:
@@ -16,34 +19,37 @@ rule train_backbone:
     resources:
         gpu=0,
     shell:
-        "tokencache train-backbone --model {params.preset} {params.opts} --threads {threads} "
+        "tokencache train-backbone --model {params.preset} {params.opts} --threads {threads} --ema-only "
         "--out {output.ckpt} --quiet --json > {log} 2>&1"
 
 
-rule train_evaluator:
-    # early, so that each run's evaluation overlaps the sampling of the others
-    priority: 50
-    output:
-        net=f"{RESULTS}/evaluator/digits_cnn.pt",
-    log:
-        f"{RESULTS}/logs/train_evaluator.log",
-    params:
-        seed=config.get("testbed", {}).get("evaluator_seed", 0),
-    threads: THREADS
-    shell:
-        "tokencache train-evaluator --seed {params.seed} --out {output.net} --json > {log} 2>&1"
+if EVALUATOR_SOURCE == "train":
 
+    rule train_evaluator:
+        # early, so that each run's evaluation overlaps the sampling of the others
+        priority: 50
+        output:
+            net=EVALUATOR,
+        log:
+            f"{RESULTS}/logs/train_evaluator.log",
+        params:
+            seed=config.get("testbed", {}).get("evaluator_seed", 0),
+        threads: THREADS
+        shell:
+            "tokencache train-evaluator --seed {params.seed} --threads {threads} --out {output.net} --json > {log} 2>&1"
 
-rule reference_batch:
-    priority: 50
-    input:
-        net=rules.train_evaluator.output.net,
-    output:
-        ref=f"{RESULTS}/reference/digits_test.npz",
-    log:
-        f"{RESULTS}/logs/reference_batch.log",
-    shell:
-        "tokencache reference --features digits --weights {input.net} --out {output.ref} --json > {log} 2>&1"
+    rule reference_batch:
+        priority: 50
+        input:
+            net=EVALUATOR,
+        output:
+            ref=REFERENCE,
+        log:
+            f"{RESULTS}/logs/reference_batch.log",
+        threads: THREADS
+        shell:
+            "tokencache reference --features digits --weights {input.net} --threads {threads} --out {output.ref} "
+            "--json > {log} 2>&1"
 
 
 rule calibrate:
@@ -62,6 +68,5 @@ rule calibrate:
     resources:
         gpu=1 if config["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} tokencache calibrate --method {params.method} --checkpoint {input.ckpt} "
-        "--sampler {wildcards.sampler} {params.opts} --settings {params.settings} --out {output.file} --quiet --json "
-        "> {log} 2>&1"
+        "tokencache calibrate --method {params.method} --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
+        "{params.opts} --settings {params.settings} --threads {threads} --out {output.file} --quiet --json > {log} 2>&1"

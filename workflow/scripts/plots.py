@@ -7,7 +7,11 @@
   dashed grey curve every cache has to beat; the "reference" (uncached) run is the star at 1×.
   The Pareto front of all points of a panel (nothing is both faster and better) is the thick band.
 * ``pareto_psnr.png``: MACs speed-up against PSNR to the reference run's images (fidelity; the
-  metric that separates methods on the testbed, where FID of a few hundred samples is noisy).
+  metric that separates methods on the testbed, where FID of a few hundred samples is noisy);
+  images identical to their uncached twin count at the PSNR cap, where the reference is drawn.
+
+Every speed/quality figure draws every row of the main table, with its 95% bootstrap interval
+as a vertical bar (``main`` returns the points, so the tests can check that none is missing).
 * ``macs_vs_fid.png``: MACs per generated image (CFG included) against FID, the same curves.
 * ``token_fraction.png``: per sampling step, the fraction of tokens a run computed (attention
   and MLP of every block; 1 = a full step), one row per model and sampler, one column per method.
@@ -40,13 +44,13 @@ MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">"]
 
 
 def save_atomic(fig, path) -> None:
-    """Save a figure as PNG through a temporary file, then close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    """Save a figure as PNG atomically (:func:`tokencache.io.write_atomic`), then close it."""
+    from tokencache.io import write_atomic
+
+    try:
+        write_atomic(path, format=lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -63,6 +67,12 @@ def load_points(table_csv, run_paths) -> tuple[pd.DataFrame, dict]:
     table["method"] = [runs[key]["cache"]["method"] for key in keys]
     table["role"] = [runs[key]["cache"].get("role", "cache") for key in keys]
     return table, runs
+
+
+def image_values(model_config: dict) -> int:
+    """Values per saved image (H·W·3) of a run's model: latent models decode to 8× their latent side."""
+    side = int(model_config["input_size"]) * (8 if model_config.get("in_channels") == 4 else 1)
+    return side * side * 3
 
 
 def method_styles(table: pd.DataFrame) -> dict:
@@ -113,15 +123,50 @@ def log_axis(axis, set_scale, values, unit: str) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def plot_points(table: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The points a speed/quality figure draws: one per table row, with its error bar.
+
+    Every row of the table is a point. The bar of a cached run is the paired 95% interval of
+    its difference from the reference (``d_<y>_lo``/``_hi``), placed around its value: runs of one
+    model and sampler share their samples' noise and labels, so that is the interval that
+    compares them (a run's own interval over the samples, ``<y>_lo``/``_hi`` in the table, is
+    mostly the variation all runs share). Without a paired interval (PSNR and SSIM, which are
+    already paired image by image, and the reference itself) the run's own interval is drawn.
+    For ``psnr_to_full`` the reference run (no fidelity to itself in the table) sits at the PSNR
+    cap of identical images (``tokencache.metrics.fidelity.psnr_cap``).
+    """
+    points = table.copy()
+    lo, hi = f"{y}_lo", f"{y}_hi"
+    points["y_lo"] = points[lo] if lo in points else np.nan
+    points["y_hi"] = points[hi] if hi in points else np.nan
+    if f"d_{y}_lo" in points:
+        paired = points[f"d_{y}_lo"].notna() & (points.role != "reference")
+        shift = points[y] - points[f"d_{y}"]
+        points.loc[paired, "y_lo"] = (shift + points[f"d_{y}_lo"])[paired]
+        points.loc[paired, "y_hi"] = (shift + points[f"d_{y}_hi"])[paired]
+    if y == "psnr_to_full":
+        from tokencache.metrics.fidelity import psnr_cap
+
+        size = points.get("image_values")
+        for i, r in points[points.role == "reference"].iterrows():
+            values = int(size[i]) if size is not None and pd.notna(size[i]) else None
+            cap = psnr_cap(values) if values else points[y].max()
+            points.at[i, y], points.at[i, "y_lo"], points.at[i, "y_hi"] = cap, cap, cap
+    return points
+
+
 def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str, title: str,
-                         maximize_x: bool, out, y: str = "fid", ylabel: str = "FID (lower is better)") -> None:
+                         maximize_x: bool, out, y: str = "fid", ylabel: str = "FID (lower is better)") -> pd.DataFrame:
     """A quality column ``y`` against a cost axis, one panel per model and sampler, one curve per method.
 
     ``maximize_x``: True for a speed-up (1× = full, better to the right), False for MACs.
     ``y`` = "fid" (lower is better) or "psnr_to_full" (fidelity to the uncached images, higher is
-    better; the reference run itself has none and identical runs are infinite, so both are left out).
+    better; identical images are capped, and the reference sits at the cap). Vertical bars are the 95%
+    bootstrap intervals. Returns the points drawn (every table row), which the tests check.
     """
     higher_is_better = y != "fid"
+    table = plot_points(table, x, y)
+    drawn = []
     models, samplers = panels(table)
     fig, axes = plt.subplots(len(models), len(samplers), figsize=(5.6 * len(samplers) + 3, 4.4 * len(models)),
                              squeeze=False, constrained_layout=True)
@@ -129,10 +174,18 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
         for c, sampler in enumerate(samplers):
             ax = axes[r, c]
             sub = table[(table.model == model) & (table.sampler == sampler)]
-            sub = sub[np.isfinite(sub[x]) & np.isfinite(sub[y])]
+            sub = sub[np.isfinite(sub[x].astype(float)) & np.isfinite(sub[y].astype(float))]
             if sub.empty:
                 ax.set_axis_off()
                 continue
+            drawn.append(sub)
+            bars = sub[np.isfinite(sub.y_lo.astype(float)) & np.isfinite(sub.y_hi.astype(float))]
+            for method, (colour, _, _) in styles.items():
+                part = bars[bars.method == method]
+                if not part.empty:
+                    ax.errorbar(part[x], part[y], yerr=[(part[y] - part.y_lo).clip(lower=0),
+                                                        (part.y_hi - part[y]).clip(lower=0)],
+                                fmt="none", ecolor=colour, elinewidth=1.0, capsize=2.5, alpha=0.55, zorder=2)
             sign = -1.0 if higher_is_better else 1.0
             front = sub.iloc[pareto_front(sub[x].to_numpy(), sign * sub[y].to_numpy(), maximize_x)]
             ax.plot(front[x], front[y], color="gold", lw=9, alpha=0.45, solid_capstyle="round", zorder=1)
@@ -150,8 +203,22 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
                 for _, p in curve[(curve.method == method) & (curve.label != method)].iterrows():
                     ax.annotate(p.label, (p[x], p[y]), xytext=(4, 3), textcoords="offset points", fontsize=7,
                                 color="0.3")
+            others = sub[sub.role != "reference"]
+            full_y = full[y]
+            if higher_is_better and not full.empty and not others.empty:
+                # full sits at the PSNR cap, far above the rest: clip the axis just above the runs and
+                # show full on its top edge
+                top = float(np.nanmax(others[["y_hi", y]].to_numpy(dtype=float)))
+                bottom = float(np.nanmin(others[["y_lo", y]].to_numpy(dtype=float)))
+                if full[y].max() > top + 0.25 * (top - bottom):
+                    margin = 0.08 * max(top - bottom, 1.0)
+                    ax.set_ylim(bottom - margin, top + margin)
+                    full_y = pd.Series([top + margin] * len(full), index=full.index)
+                    ax.annotate(f"{full.label.iloc[0]}: {full[y].max():.1f} dB (identical)",
+                                (full[x].iloc[0], top + margin),
+                                xytext=(8, -10), textcoords="offset points", fontsize=7, color="0.2")
             if not full.empty:
-                ax.scatter(full[x], full[y], marker="*", s=220, color="black", zorder=4)
+                ax.scatter(full[x], full_y, marker="*", s=220, color="black", zorder=5, clip_on=False)
             log_axis(ax.xaxis, ax.set_xscale, sub[x], "×" if maximize_x else "")
             if not higher_is_better and sub[y].max() > 4 * max(sub[y].min(), 1e-9):
                 log_axis(ax.yaxis, ax.set_yscale, sub[y], "")
@@ -163,9 +230,13 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
                       label=f"{method} {ROLE_LEGEND[role]}" if role in ROLE_LEGEND else method)
                for method, (colour, marker, role) in styles.items()]
     handles.append(Line2D([], [], color="gold", lw=9, alpha=0.45, label="Pareto front (all points)"))
+    handles.append(Line2D([], [], color="0.4", marker="|", ms=10, ls="none",
+                          label="95% interval (paired with the reference)" if f"d_{y}_lo" in table
+                          else "95% interval"))
     fig.legend(handles=handles, loc="outside right center", title="method", frameon=False)
     fig.suptitle(title, fontsize=14)
     save_atomic(fig, out)
+    return pd.concat(drawn) if drawn else table.iloc[0:0]
 
 
 def token_fraction_figure(table: pd.DataFrame, runs: dict, styles: dict, out) -> None:
@@ -237,23 +308,30 @@ def calibration_figure(files: list[str], out) -> None:
     save_atomic(fig, out)
 
 
-def main(table_csv, run_paths, calibrations, out: dict) -> None:
-    """Every figure named in ``out`` (name → path)."""
+def main(table_csv, run_paths, calibrations, out: dict) -> dict:
+    """Every figure named in ``out`` (name → path); returns each speed/quality figure's points."""
     sns.set_theme(context="notebook", style="whitegrid", font_scale=1.0)
     table, runs = load_points(table_csv, run_paths)
+    table["image_values"] = [image_values(runs[k]["model_config"]) for k in zip(table.model, table.sampler, table.label)]
     styles = method_styles(table)
-    speed_quality_figure(table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
-                         "Speed-up (MACs) vs FID — better is lower right", True, out["pareto_macs"])
-    speed_quality_figure(table, styles, "speedup", "measured latency speed-up (log scale)",
-                         "Speed-up (measured latency) vs FID — better is lower right", True, out["pareto_latency"])
-    speed_quality_figure(table, styles, "macs_g_per_image", "GMACs per generated image, CFG included (log scale)",
-                         "Compute vs FID — better is lower left", False, out["macs_vs_fid"])
-    speed_quality_figure(table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
-                         "Speed-up (MACs) vs fidelity to the uncached images — better is upper right", True,
-                         out["pareto_psnr"], y="psnr_to_full", ylabel="PSNR to the full run, dB (higher is better)")
+    data = {}
+    data["pareto_macs"] = speed_quality_figure(table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
+                                               "Speed-up (MACs) vs FID — better is lower right", True,
+                                               out["pareto_macs"])
+    data["pareto_latency"] = speed_quality_figure(table, styles, "speedup", "measured latency speed-up (log scale)",
+                                                  "Speed-up (measured latency) vs FID — better is lower right", True,
+                                                  out["pareto_latency"])
+    data["macs_vs_fid"] = speed_quality_figure(table, styles, "macs_g_per_image",
+                                               "GMACs per generated image, CFG included (log scale)",
+                                               "Compute vs FID — better is lower left", False, out["macs_vs_fid"])
+    data["pareto_psnr"] = speed_quality_figure(
+        table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
+        "Speed-up (MACs) vs fidelity to the uncached images — better is upper right", True, out["pareto_psnr"],
+        y="psnr_to_full", ylabel="PSNR to full, dB (higher is better)")
     token_fraction_figure(table, runs, styles, out["token_fraction"])
     if "calibration" in out:
         calibration_figure(list(calibrations), out["calibration"])
+    return data
 
 
 if __name__ == "__main__" and "snakemake" in globals():

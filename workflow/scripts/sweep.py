@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from tokencache.cache import get_method, method_class, parse_method_spec, reference_method
-    from tokencache.io import atomic_write_text
+    from tokencache.io import write_atomic
     from tokencache.metrics.flops import run_macs
     from tokencache.metrics.quality import evaluate_run
     from tokencache.run import SampleRequest, run_sampling
@@ -47,6 +47,7 @@ def main() -> None:
     reference_dir = root / "runs" / args.model / args.sampler / reference_method()
     reference = json.loads((reference_dir / "run.json").read_text())
     request, num_samples = reference["request"], reference["num_samples"]
+    evaluated = json.loads((reference_dir / "metrics.json").read_text())  # the evaluator and reference it used
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for vary in args.vary:
@@ -58,8 +59,8 @@ def main() -> None:
                 seed=request["seed"], device="cpu", clip_denoised=request["clip_denoised"], method=name,
                 method_params=params), progress=False)
             macs = run_macs(summary)
-            metrics = evaluate_run(out, root / "reference" / "digits_test.npz", features="digits",
-                                   weights_path=root / "evaluator" / "digits_cnn.pt",
+            metrics = evaluate_run(out, evaluated["reference"], features="digits",
+                                   weights_path=evaluated["extractor"]["weights"],
                                    fidelity_to=reference_dir / "samples.npz")
             rows.append({"setting": vary, "macs_speedup": macs["macs_speedup"], "fid": metrics["fid"],
                          "sfid": metrics["sfid"], "psnr_to_full": metrics["psnr_to_full"],
@@ -67,8 +68,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     stem = root / "tables" / f"sweep_{name}_{args.model}_{args.sampler}"
-    atomic_write_text(f"{stem}.csv", table.to_csv(index=False))
-    atomic_write_text(f"{stem}.md", table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_atomic(f"{stem}.csv", table.to_csv(index=False))
+    write_atomic(f"{stem}.md", table.to_markdown(index=False, floatfmt=".4g") + "\n")
 
 
 if __name__ == "__main__":

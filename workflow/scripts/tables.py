@@ -2,9 +2,13 @@
 
 * ``main.{csv,md,tex}``: one row per (model, sampler, run label), in the layout of the caching
   papers: MACs per image and MACs speed-up, measured latency and its speed-up over the reference,
-  quality (FID, sFID, IS, precision, recall, class consistency) and fidelity to the reference
-  images (PSNR, SSIM); ``role`` says which row is the uncached reference and which the fewer-steps
-  baseline. ``reported_fid``/``reported_source`` hold a published FID where the row's
+  quality (FID, sFID, IS, precision, recall, KID, class consistency) and fidelity to the
+  reference's images (PSNR, SSIM), each with its bootstrap 95% interval (``_lo``/``_hi``), and the
+  difference of each quality metric from the reference run of the same model and sampler with a
+  *paired* 95% interval (``d_<metric>``, ``_lo``, ``_hi``: the same samples' noise and labels,
+  resampled with the same index sets). In ``main.md`` a ``*`` marks a difference whose
+  interval excludes 0 (resolved at 95%); ``role`` says which row is the uncached reference and which the
+  fewer-steps baseline. ``reported_fid``/``reported_source`` hold a published FID where the row's
   backbone, sampler, guidance and method match an entry of the ``reported`` YAML (on the digits
   testbed none match and the columns stay empty; PROTOCOL.md: published numbers only in a
   column labelled "reported").
@@ -18,26 +22,35 @@ Every file is written atomically (a temporary file, then a rename).
 """
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-COLUMNS = ["model", "sampler", "method", "role", "setting", "macs_g_per_image", "macs_speedup", "latency_s_per_image",
-           "speedup", "fid", "sfid", "inception_score", "precision", "recall", "class_consistency", "psnr_to_full",
-           "ssim_to_full", "reported_fid", "reported_source", "num_samples"]
+#: quality and fidelity metrics, in table order; each gets ``_lo``/``_hi`` (its 95% interval)
+METRICS = ["fid", "sfid", "inception_score", "precision", "recall", "kid", "class_consistency", "psnr_to_full",
+           "ssim_to_full"]
+#: metrics whose difference from the run's reference gets a paired interval (``d_<m>``, ``d_<m>_lo``, ``d_<m>_hi``)
+PAIRED = ["fid", "sfid", "inception_score", "precision", "recall", "kid", "class_consistency"]
+COLUMNS = (["model", "sampler", "method", "role", "setting", "macs_g_per_image", "macs_speedup", "latency_s_per_image",
+            "speedup"]
+           + [c for m in METRICS for c in (m, f"{m}_lo", f"{m}_hi")]
+           + [c for m in PAIRED for c in (f"d_{m}", f"d_{m}_lo", f"d_{m}_hi")]
+           + ["identical_to_full", "reported_fid", "reported_source", "num_samples", "bootstrap_resamples"])
+#: the Markdown table: value [95% interval] per metric, and the paired differences from full
+MD_HEADERS = {"fid": "FID", "d_fid": "ΔFID vs full", "sfid": "sFID", "d_sfid": "ΔsFID", "inception_score": "IS",
+              "precision": "precision", "recall": "recall", "kid": "KID", "d_kid": "ΔKID",
+              "class_consistency": "class-consistency", "psnr_to_full": "PSNR to full (dB)",
+              "ssim_to_full": "SSIM to full"}
 
 ABLATION_RESULTS = ["macs_speedup", "fid", "sfid", "psnr_to_full"]
 
 
 def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (:func:`tokencache.io.write_atomic`)."""
+    from tokencache.io import write_atomic as write
+
+    write(path, text)
 
 
 def run_key(metrics_path: str) -> tuple[str, str, str]:
@@ -110,15 +123,114 @@ def row(metrics_path: str, run_path: str, reported: list[dict]) -> dict:
            "num_samples": run["num_samples"], "latency_s_per_image": run["seconds"] / run["num_samples"],
            "macs_g_per_image": macs["macs_per_image"] / 1e9, "macs_speedup": macs["macs_speedup"]}
     out.update({k: metrics.get(k) for k in COLUMNS if k in metrics})
+    for name, bounds in (metrics.get("ci95") or {}).items():
+        if bounds is not None and name in METRICS:
+            out[f"{name}_lo"], out[f"{name}_hi"] = bounds
+    out["bootstrap_resamples"] = (metrics.get("bootstrap") or {}).get("resamples")
     out.update(reported_columns(reported, sampler, run))
     return out
 
 
+def bootstrap_file(metrics_path) -> Path:
+    """The per-resample values an evaluation wrote beside its metrics.json (``metrics.bootstrap.npz``)."""
+    return Path(metrics_path).with_suffix(".bootstrap.npz")
+
+
+def paired_differences(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Each run's difference from its (model, sampler)'s reference run with a paired 95% interval.
+
+    Both runs share every sample's noise and label and were resampled with the same index sets
+    (the evaluation's seed and sample count; checked through their digest), so the difference
+    is taken resample by resample (:func:`tokencache.metrics.bootstrap.paired_interval`).
+    Without bootstrap files the columns stay empty.
+    """
+    import numpy as np
+
+    from tokencache.metrics.bootstrap import paired_interval
+
+    paths = {run_key(p): p for p in metrics}
+    values = {}
+    for key, path in paths.items():
+        file = bootstrap_file(path)
+        if file.is_file():
+            with np.load(file) as data:
+                values[key] = {k: data[k] for k in data.files}
+    table = table.copy()
+    for col in [c for m in PAIRED for c in (f"d_{m}", f"d_{m}_lo", f"d_{m}_hi")]:
+        table[col] = np.nan
+    for i, r in table.iterrows():
+        full_rows = table[(table.model == r.model) & (table.sampler == r.sampler) & (table.role == "reference")]
+        if full_rows.empty:
+            continue
+        full = full_rows.iloc[0]
+        key, full_key = (r.model, r.sampler, r.method), (r.model, r.sampler, full.method)
+        for m in PAIRED:
+            if pd.notna(r.get(m)) and pd.notna(full.get(m)):
+                table.at[i, f"d_{m}"] = r[m] - full[m]
+        if key not in values or full_key not in values:
+            continue
+        a, b = values[key], values[full_key]
+        if "indices_sha256" not in a or "indices_sha256" not in b:
+            continue  # evaluated without bootstrap
+        if str(a["indices_sha256"]) != str(b["indices_sha256"]):
+            raise ValueError(f"{'/'.join(key)} and {'/'.join(full_key)} were resampled with different index sets "
+                             f"(other seed or sample count): their difference cannot be paired")
+        for m in PAIRED:
+            name = f"values_{m}"
+            if name in a and name in b and pd.notna(table.at[i, f"d_{m}"]):
+                bounds = paired_interval(a[name], b[name], point=table.at[i, f"d_{m}"])
+                if bounds is not None:
+                    table.at[i, f"d_{m}_lo"], table.at[i, f"d_{m}_hi"] = bounds
+    return table
+
+
+def resolved(table: pd.DataFrame, metric: str = "fid") -> pd.Series:
+    """Whether each run's paired 95% interval of its difference from the reference excludes 0."""
+    lo, hi = table.get(f"d_{metric}_lo"), table.get(f"d_{metric}_hi")
+    if lo is None or hi is None:
+        return pd.Series(False, index=table.index)
+    return ((lo > 0) | (hi < 0)).fillna(False)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}g}"
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """main.md: cost columns, then each metric as ``value [low, high]`` (95% interval), and
+    the paired differences from the reference as ``+d [low, high]`` (``*``: the interval excludes 0)."""
+    rows = []
+    for _, r in table.iterrows():
+        out = {"model": r.model, "sampler": r.sampler, "method": r.method, "setting": r.setting,
+               "MMACs/img": _fmt(r.macs_g_per_image * 1e3), "MACs speed-up": _fmt(r.macs_speedup, 3),
+               "latency speed-up": _fmt(r.speedup, 3)}
+        for m, header in MD_HEADERS.items():
+            if m.startswith("d_"):
+                base = m[2:]
+                d, lo, hi = r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")
+                if r.role == "reference" or d is None or pd.isna(d):
+                    out[header] = "—"
+                    continue
+                mark = "*" if pd.notna(lo) and (lo > 0 or hi < 0) else ""
+                bounds = f" [{lo:+.3g}, {hi:+.3g}]" if pd.notna(lo) else ""
+                out[header] = f"{d:+.3g}{bounds}{mark}"
+            else:
+                v, lo, hi = r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")
+                out[header] = _fmt(v) + (f" [{lo:.4g}, {hi:.4g}]" if pd.notna(lo) and pd.notna(v) else "")
+        out["samples"] = str(int(r.num_samples))
+        rows.append(out)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"
+
+
 def main_table(metrics: list[str], runs: list[str], reported: list[dict]) -> pd.DataFrame:
-    """All rows, the latency speed-up over each (model, sampler)'s reference run, sorted by cost."""
+    """All rows, the latency speed-up over each (model, sampler)'s reference run, the paired
+    differences from it, sorted by cost."""
     table = pd.DataFrame([row(m, r, reported) for m, r in zip(metrics, runs)])
     full = table[table.role == "reference"].set_index(["model", "sampler"])["latency_s_per_image"]
     table["speedup"] = [full[(m, s)] / lat for m, s, lat in zip(table.model, table.sampler, table.latency_s_per_image)]
+    table = paired_differences(table, list(metrics))
     table = table[[c for c in COLUMNS if c in table.columns]]
     return table.sort_values(["model", "sampler", "macs_g_per_image"], ascending=[True, True, False])
 
@@ -168,7 +280,7 @@ def main(metrics, runs, reported_path, ablation_labels, out) -> None:
     """Write main.{csv,md,tex} and ablation.{csv,md} (``out``: output name → path)."""
     table = main_table(list(metrics), list(runs), load_reported(reported_path))
     write_atomic(out["csv"], table.to_csv(index=False))
-    write_atomic(out["md"], table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_atomic(out["md"], markdown_table(table))
     write_atomic(out["tex"], table.to_latex(index=False, float_format="%.4g", escape=True, na_rep="--"))
 
     if ablation_labels:
