@@ -184,7 +184,7 @@ def bad_config(tmp_path, change) -> str:
     (lambda c: c["samplers"].update(ddim0={"cfg_scale": 2.0}), "samplers.ddim0", "unknown sampler 'ddim0'"),
     (lambda c: c["samplers"].update(ddim1={"cfg_scale": 2.0}), "samplers.ddim1", "needs at least 2 steps"),
     (lambda c: c["backbones"].update({"DiT-XXL/2": {"steps": 2}}), "backbones.DiT-XXL/2", "unknown model 'DiT-XXL/2'"),
-    (lambda c: c["methods"].update(steps0={"method": "steps", "params": {"fraction": 0}}), "methods.steps0",
+    (lambda c: c["methods"].update(steps0={"method": "steps", "params": {"fraction": 0.1}}), "methods.steps0",
      "with sampler ddim5: sampler 'ddim1': needs at least 2 steps"),
     (lambda c: c["backbones"].update({"DiT-S/2": {"checkpoint": "shipped"}}), "backbones.DiT-S/2.checkpoint",
      "no shipped weights for 'DiT-S/2'"),
