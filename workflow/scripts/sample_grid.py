@@ -3,7 +3,6 @@
 Row = one run (model / sampler / label), column = sample index; the class label is under each
 image. Written atomically (a temporary file, then a rename).
 """
-import os
 from pathlib import Path
 
 import matplotlib
@@ -34,10 +33,10 @@ def main(paths, png, n):
         ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle("samples (label under each; same noise and label in every row)", fontsize=9)
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(png).with_name(f".{Path(png).name}.part")
-    fig.savefig(tmp, format="png", dpi=150)
-    os.replace(tmp, png)
+    from tokencache.io import write_atomic
+
+    write_atomic(png, format=lambda f: fig.savefig(f, format="png", dpi=150))
+    plt.close(fig)
 
 
 if __name__ == "__main__" and "snakemake" in globals():
