@@ -423,19 +423,9 @@ def test_overhead_prices(models, tmp_path):
 
 
 def _fvcore_macs(model, inputs) -> int:
-    import warnings
+    from tokencache.metrics.flops import count_macs
 
-    from fvcore.nn import FlopCountAnalysis
-
-    from tokencache.metrics.flops import _sdpa_macs
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = FlopCountAnalysis(model, inputs)
-        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        return int(analysis.total())
+    return count_macs(model, *inputs)
 
 
 @pytest.mark.parametrize("name", ["fbcache", "teacache"])

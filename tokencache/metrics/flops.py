@@ -206,6 +206,41 @@ def _sdpa_macs(inputs, outputs) -> int:
     return int(batch_heads * q[-2] * k[-2] * (q[-1] + v[-1]))
 
 
+def _baddbmm_macs(inputs, outputs) -> int:
+    """fvcore handle for ``aten::baddbmm`` (bias + batch1 @ batch2): the product's B·n·k·m; the add is 0."""
+    from fvcore.nn.jit_handles import get_shape
+
+    b, n, k = get_shape(inputs[1])
+    m = get_shape(inputs[2])[-1]
+    return int(b * n * k * m)
+
+
+def fvcore_analysis(module: nn.Module, inputs: tuple):
+    """fvcore's ``FlopCountAnalysis`` of ``module(*inputs)`` with this package's handles.
+
+    ``scaled_dot_product_attention`` (Q·Kᵀ and P·V) and ``baddbmm`` (the per-sample linear layers
+    of :func:`tokencache.models.layers.linear`) are counted, which fvcore alone prices at 0; its
+    warnings are silenced (what it skips is listed by ``unsupported_ops()``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's import-time deprecation warnings (torch.jit.script)
+        from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(module, inputs)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.set_op_handle("aten::baddbmm", _baddbmm_macs)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    return analysis
+
+
+def count_macs(module: nn.Module, *inputs) -> int:
+    """MACs of ``module(*inputs)`` as fvcore traces them (:func:`fvcore_analysis`), without gradients."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the shape arithmetic
+        return int(fvcore_analysis(module, inputs).total())
+
+
 def example_inputs(model: nn.Module, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, t, y) for one forward at the model's configured input size, on its device/dtype."""
     param = next(model.parameters())
@@ -224,10 +259,6 @@ def forward_macs_report(model: nn.Module, batch_size: int = 1) -> dict:
     context attached: a traced engine would count whatever the method did on that one call (or
     nothing), so cached runs are priced by :func:`sampling_macs` from the engine's counts.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fvcore's import-time deprecation warnings (torch.jit.script)
-        from fvcore.nn import FlopCountAnalysis
-
     if getattr(model, "cache_context", None) is not None:
         raise RuntimeError("forward_macs counts the plain forward, but this model has a cache context attached; "
                            "count outside the attach() block and price a cached run with sampling_macs(model, "
@@ -238,10 +269,7 @@ def forward_macs_report(model: nn.Module, batch_size: int = 1) -> dict:
         inputs = example_inputs(model, batch_size)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings of the shape arithmetic
-            analysis = FlopCountAnalysis(model, inputs)
-            analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-            analysis.unsupported_ops_warnings(False)
-            analysis.uncalled_modules_warnings(False)
+            analysis = fvcore_analysis(model, inputs)
             total = analysis.total()
             by_operator = {k: int(v) for k, v in sorted(analysis.by_operator().items())}
             unsupported = {k: int(v) for k, v in sorted(analysis.unsupported_ops().items())}

@@ -57,9 +57,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if x.device.type != "cpu" or x.dim() < 2 or torch.is_grad_enabled():
         return F.linear(x, weight, bias)
     rows = x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
-    out = torch.bmm(rows, weight.t().expand(rows.shape[0], -1, -1))
-    if bias is not None:
-        out = out + bias
+    weights = weight.t().expand(rows.shape[0], -1, -1)
+    if bias is None:
+        out = torch.bmm(rows, weights)
+    else:  # the bias added in the product's own pass, as addmm does for F.linear
+        out = torch.baddbmm(bias.expand(rows.shape[0], rows.shape[1], -1), rows, weights)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
