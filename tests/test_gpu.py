@@ -222,7 +222,10 @@ def test_cli_latency_with_random_calibration_and_report(tmp_path, capsys):
     assert rows[0]["model"] == "DiT-digits" and rows[0]["provenance"]["tf32_requested"] is True
     assert main(["latency-report", str(run), "--out-dir", str(tmp_path / "gpu"), "--quiet"]) == 0
     assert {p.name for p in (tmp_path / "gpu").iterdir()} == {"latency.csv", "latency.md", "realization_ratio.png"}
-    assert "random L2C router" in (tmp_path / "gpu" / "latency.md").read_text()
+    md = (tmp_path / "gpu" / "latency.md").read_text()
+    assert "random L2C router" in md
+    machine = json.loads(run.read_text())["machine"]  # the CPU and the load around the timing, in the report
+    assert f"load average {machine['load_average_before']} before, {machine['load_average_after']} after" in md
     capsys.readouterr()
     assert main(["latency", "--model", "DiT-digits", "--cast-weights", "--device", "cpu"]) == 2
     assert "--cast-weights needs" in capsys.readouterr().err

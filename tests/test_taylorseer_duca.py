@@ -252,3 +252,21 @@ def test_new_methods_noop_equals_full(tiny_dit):
         got, engine = run(tiny_dit, get_method(name, **type(get_method(name)).noop), "ddim12", range(2))
         assert torch.equal(got, want), name
         assert (engine.counts == N_TOKENS).all()
+
+
+@pytest.mark.parametrize("orders", [1, 2, 5])
+@pytest.mark.parametrize("x", [-1, -3, -4, 2])
+def test_in_place_forecast_is_the_official_expression_bit_for_bit(orders, x):
+    """``taylor_utils.taylor_formula``: output = 0, then output += (1/i!)·F_i·x**i, as written there."""
+    import math
+
+    from baselines.taylorseer import taylor_forecast
+
+    gen = torch.Generator().manual_seed(orders * 10 + x)
+    factors = [torch.randn(3, 16, 8, generator=gen) * 10.0 ** -k for k in range(orders)]
+    factors[0][0, 0, :3] = torch.tensor([-0.0, 0.0, float("inf")])  # signed zeros and inf follow the same rules
+    official = 0
+    for i in range(orders):
+        official = official + (1 / math.factorial(i)) * factors[i] * (x ** i)
+    ours = taylor_forecast([f.clone() for f in factors], x)
+    assert torch.equal(ours.view(torch.int32), official.view(torch.int32))  # the bits, signs of zero included

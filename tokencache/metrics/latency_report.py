@@ -133,12 +133,31 @@ def _provenance_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def _machine_lines(paths: Sequence[PathLike]) -> list[str]:
+    """Per input file: the CPU, threads and the load average around the timing (is it to be trusted?)."""
+    lines = []
+    for path in paths:
+        obj = json.loads(Path(path).read_text())
+        machine = obj.get("machine") if isinstance(obj, dict) else None
+        if not machine:
+            continue
+        prov = machine.get("provenance", {})
+        noisy = machine.get("noisy_rows") or []
+        lines.append(f"- {Path(path).name}: {prov.get('cpu_model', '?')} ({prov.get('cpu_capability', '?')}), "
+                     f"{machine.get('cpus_available')} CPUs available, {machine.get('threads')} threads; load average "
+                     f"{machine.get('load_average_before')} before, {machine.get('load_average_after')} after"
+                     + ("; **busy before timing**" if machine.get("busy_before") else "")
+                     + (f"; noisy rows ({machine.get('noisy_spread')}): {', '.join(map(str, noisy))}" if noisy else ""))
+    return lines
+
+
 def write_latency_report(paths: Iterable[PathLike], out_dir: PathLike) -> dict:
     """Write ``latency.csv``, ``latency.md`` and ``realization_ratio.png`` into ``out_dir``.
 
     Returns {"csv", "md", "plot", "rows", "configurations"}. Rows that were timed while graphs
     were still compiling (``graphs_compiled_while_timing`` > 0) are flagged in the Markdown.
     """
+    paths = list(paths)
     rows = load_latency_rows(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +184,9 @@ def write_latency_report(paths: Iterable[PathLike], out_dir: PathLike) -> dict:
         shown = group.drop(columns=CONFIG_COLUMNS + ([] if group["note"].notna().any() else ["note"]))
         lines += [f"## {_config_name(key)}", "", shown.to_markdown(index=False, floatfmt=".4g"), ""]
     lines += ["## Provenance", "", *_provenance_lines(rows)]
+    machine = _machine_lines(paths)
+    if machine:
+        lines += ["", "## Machine while timing", "", *machine]
     write_atomic(md, "\n".join(lines) + "\n")
     return {"csv": str(csv), "md": str(md), "plot": str(plot), "rows": len(table),
             "configurations": int(table.groupby(CONFIG_COLUMNS, dropna=False).ngroups), "short": short_table(table)}
