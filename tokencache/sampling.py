@@ -2,7 +2,7 @@
 
 The label and every random draw of sample ``i`` come from its own generator seeded by
 ``(seed, i)``, so a sample never depends on the batch size, the shard, the number of devices or
-its batch neighbours (PROTOCOL.md; Learning-to-Cache's FID moved with the GPU count). Every
+its batch neighbours (Learning-to-Cache's published FID moved with the GPU count). Every
 method sees the same noise and labels, so images compare one to one with the uncached run.
 
 Samplers are named ``ddpm<N>`` and ``ddim<N>``:

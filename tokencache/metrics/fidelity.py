@@ -1,6 +1,6 @@
 """One-to-one fidelity of an accelerated sampler to the full model: PSNR and SSIM.
 
-Every method samples with the same noise and labels as the full model (PROTOCOL.md), so image i
+Every method samples with the same noise and labels as the full model, so image i
 of a method can be compared with image i of the full model. Both metrics take uint8 images in
 the ADM layout (N, H, W, C) or (N, H, W), data range 255, and average per-image values.
 

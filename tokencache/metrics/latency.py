@@ -1,6 +1,6 @@
 """Wall-clock latency of caching methods, measured side by side in one process.
 
-How (PROTOCOL.md, "Latency"):
+How:
 
 * every method runs in the same process, interleaved — for each repeat, for each batch size, for
   each method — so drift of a shared machine (thermal, other jobs) hits all methods alike;

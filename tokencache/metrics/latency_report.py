@@ -3,7 +3,7 @@
 One row per (model, sampler, configuration, method, batch size). A configuration is what the
 provenance says moves the numbers (device, dtype, weight dtype, TF32, compile mode), so runs
 of several models, samplers and settings can share one table without being mixed up. The plot
-shows the realization ratio (latency speed-up ÷ MACs speed-up, PROTOCOL.md) against the batch
+shows the realization ratio (latency speed-up ÷ MACs speed-up) against the batch
 size, one panel per (model, sampler, configuration), one line per method: the question it
 answers is at which batch size a method's MAC savings turn into time.
 

@@ -2,7 +2,7 @@
 
 ``evaluate_quality`` reads a sample batch and a reference batch (ADM npz format), extracts
 features with one extractor (``"inception"`` for ImageNet, ``"digits"`` for the testbed) and
-returns a JSON-serialisable record. It follows PROTOCOL.md: reference statistics are taken from
+returns a JSON-serialisable record. Reference statistics are taken from
 the npz when present (as ADM does), the reference file's sha256 and the extractor's weights are
 recorded, and a result on fewer than 50,000 samples is labelled with its size (``FID-5K`` is a
 proxy, not comparable with FID-50K). KID is clean-fid's, on the same pool features.

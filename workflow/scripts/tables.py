@@ -10,8 +10,8 @@
   interval excludes 0 (resolved at 95%); ``role`` says which row is the uncached reference and which the
   fewer-steps baseline. ``reported_fid``/``reported_source`` hold a published FID where the row's
   backbone, sampler, guidance and method match an entry of the ``reported`` YAML (on the digits
-  testbed none match and the columns stay empty; PROTOCOL.md: published numbers only in a
-  column labelled "reported").
+  testbed none match and the columns stay empty; published numbers appear only in columns
+  labelled "reported", never mixed with ours).
 * ``ablation.{csv,md}``: the runs of the method whose variants the config's ``ablation:`` labels
   are, in every (model, sampler) that has ablation runs: what each label varies, one column per
   resolved setting that differs between those runs (as the runs recorded them), then MACs
