@@ -90,25 +90,30 @@ def _config_name(key: tuple) -> str:
 
 def plot_realization(table: pd.DataFrame, path: PathLike) -> None:
     """Realization ratio against batch size (log scale), a panel per configuration, a line per method."""
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
     groups = list(table.groupby(CONFIG_COLUMNS, sort=False, dropna=False))
     cols = min(2, len(groups))
     nrows = -(-len(groups) // cols)
-    fig = Figure(figsize=(6.4 * cols, 4.2 * nrows), layout="constrained")
+    fig = Figure(figsize=(7.6 * cols, 4.2 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    labels = list(dict.fromkeys(table["label"]))  # one colour and marker per method across the panels
+    colours = matplotlib.colormaps["tab20" if len(labels) > 10 else "tab10"]
+    markers = "os^vDP*Xh<>p"
+    style = {label: dict(color=colours(i % colours.N), marker=markers[i % len(markers)]) for i, label in enumerate(labels)}
     for ax, (key, group) in zip(axes, groups):
         for label, line in group.groupby("label", sort=False):
             line = line.dropna(subset=["realization_ratio"])
             if len(line):
-                ax.plot(line["batch_size"], line["realization_ratio"], marker="o", label=label)
+                ax.plot(line["batch_size"], line["realization_ratio"], label=label, **style[label])
         ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(group["batch_size"].unique()), [str(b) for b in sorted(group["batch_size"].unique())])
         ax.set_xlabel("images per batch (CFG doubles the rows)")
         ax.set_ylabel("realization ratio (speed-up ÷ MACs speed-up)")
         ax.set_title(_config_name(key), fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     for ax in axes[len(groups):]:
         ax.set_visible(False)
     from tokencache.io import write_atomic
