@@ -19,6 +19,7 @@ methods share.
 """
 from __future__ import annotations
 
+import abc
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -46,8 +47,11 @@ class SamplingSettings:
 
 
 @dataclass
-class Calibration:
-    """Base of a method's calibration: subclass as a dataclass whose fields are the training settings."""
+class Calibration(abc.ABC):
+    """Base of a method's calibration: subclass as a dataclass whose fields are the training settings.
+
+    A subclass must define :meth:`fit` and :meth:`random`; one that does not cannot be created.
+    """
 
     file_param: ClassVar[str] = ""
     format: ClassVar[str] = ""
@@ -60,14 +64,14 @@ class Calibration:
     def name(self) -> str:  # prefix of validation messages
         return self.title
 
+    @abc.abstractmethod
     def fit(self, method, model: torch.nn.Module, sampler: Sampler, sampling: SamplingSettings,
             progress: bool = False, log=None) -> tuple[dict, dict]:
         """Train against the frozen ``model``; return (tensors to store, a JSON summary of the training)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement fit()")
 
+    @abc.abstractmethod
     def random(self, method, model: torch.nn.Module, sampler: Sampler, generator: torch.Generator) -> dict:
         """Tensors of the right shapes with random values, for timing only."""
-        raise NotImplementedError(f"{type(self).__name__} must implement random()")
 
     def figure(self, tensors: dict, ax, title: str) -> bool:
         """Draw what was learned on a matplotlib axis; False when there is nothing to show."""
