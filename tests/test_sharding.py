@@ -65,3 +65,21 @@ def test_a_two_process_torchrun_sample_equals_one_process_byte_for_byte(tmp_path
     assert two["data_parallel"]["world_size"] == 2 and two["data_parallel"]["backend"] == "gloo"
     assert two["num_samples"] == 7 and two["request"]["num_samples"] == 7
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the parts are gone
+
+
+@pytest.mark.parametrize("method, params", [("full", {}), ("toca", {"fresh_ratio": 0.2})])
+def test_thread_count_never_changes_results(tmp_path, method, params):
+    """One thread or two: the same bytes (torch's kernels split work by thread count, not rounding)."""
+    ckpt = tmp_path / "tiny.pt"
+    train_backbone(TrainConfig(model="DiT", overrides=TINY, steps=2, batch_size=4), ckpt, progress=False)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            run_sampling(SampleRequest(checkpoint=str(ckpt), out=str(tmp_path / f"t{threads}.npz"), sampler="ddim6",
+                                       cfg_scale=2.0, num_samples=5, batch_size=5, seed=5, device="cpu",
+                                       clip_denoised=True, method=method, method_params=params), progress=False)
+    finally:
+        torch.set_num_threads(before)
+    one, two = np.load(tmp_path / "t1.npz"), np.load(tmp_path / "t2.npz")
+    np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
