@@ -4,9 +4,9 @@ The engine's counts (which step and block computed how many tokens of each branc
 schedule method depend on the model's depth and token count, not on its width or weights: this
 runs one sample through a random stand-in with the preset's depth, token grid and class count but
 a small hidden size, and prices the counts at the preset's real sizes (fvcore, CFG included), as
-`tokencache flops --run` does for a real run. Methods whose decisions depend on the weights
-(L2C's router, TokenCache's predictor, FBCache's and TeaCache's signals) get the stand-in's
-decisions, which are not the real model's: use it for schedules, not for those.
+`tokencache flops --run` does for a real run. Methods whose decisions depend on the weights (a
+trained router or predictor, a runtime signal) get the stand-in's decisions, which are not the
+real model's: use it for schedules, not for those.
 
     python workflow/scripts/schedule_macs.py --model DiT-XL/2 --sampler ddim50 --method toca \\
         --method fora:interval=3
