@@ -10,7 +10,7 @@
 #
 # Writes the latency JSON of each pass, latency.{csv,md}, realization_ratio.png and run.log into
 # $RESULTS (default results/gpu/h200, or results/gpu/dry-run), copies them into $OUT when that is
-# set (the device tool's output folder), and prints the short table as its last lines. A pass that
+# set (e.g. a folder a remote runner copies back), and prints the short table as its last lines. A pass that
 # would start after $BUDGET_S seconds (default 390) is skipped and the log says so, so that the
 # whole run ends inside the window.
 set -euo pipefail
