@@ -295,9 +295,12 @@ def test_latency_records_the_load_and_warns_when_busy(capsys, tmp_path, monkeypa
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_ends_on_its_own_line_and_leaves_no_file(tmp_path, sig):
     out = tmp_path / "s.npz"
+    # SIGINT as a foreground job in a terminal has it: a shell that starts the tests in the background
+    # leaves SIGINT ignored, the child inherits that, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "tokencache.cli", "sample", "--checkpoint", "shipped:DiT-digits",
                              "--sampler", "ddim20", "--cfg-scale", "3", "--num-samples", "400", "--batch-size", "8",
-                             "--threads", "1", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+                             "--threads", "1", "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.time() + 60
     while "8/400" not in seen and time.time() < deadline:  # mid-run: the first batch is done, the bar drawn
