@@ -68,10 +68,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from tokencache.baselines.toca import CELL, refresh_interval, spatial_bonus
-from tokencache.cache import COMPUTE, REUSE, CacheMethod, Compute, Span, Subset, param, register_method
+from tokencache.baselines.toca import CELL, attention_score, choose_fresh_tokens, refresh_interval
+from tokencache.cache import COMPUTE, REUSE, CacheMethod, Compute, Span, param, register_method
 
 #: the official ``fresh_ratio_scheduler.py`` names (``'cosine'``, accepted by the command line, raises there)
 SCHEDULES = ("ToCa", "constant", "linear", "exp", "linear-mode", "layerwise", "linear-layerwise")
@@ -221,21 +220,9 @@ class DuCa(CacheMethod):
             return COMPUTE
         if not self.needs_scores:
             return REUSE
-        stale = state.stale.get(block)
-        if stale is None:
-            stale = torch.zeros_like(state.scores[block], dtype=torch.int32)
-        if k == 0:
-            state.stale[block] = stale + 1
-            return REUSE
-        score = state.scores[block] + self.soft_fresh_weight * (stale.float() / self.interval)
-        if self.spatial_bonus > 0:
-            score = spatial_bonus(score, self.spatial_bonus, self.info.grid_size)
-        tokens = torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
-        state.stale[block] = (stale + 1).scatter_(1, tokens, 0)
-        self.count("token_scores", self.info.num_tokens)
-        return Subset(tokens)
+        return choose_fresh_tokens(self, state.stale, block, state.scores[block], k, self.interval)
 
     def observe(self, step, block, branch, *, x, output, attention, rows):
         if attention is not None:
-            self.state.scores[block] = F.normalize(attention.mean(dim=1).sum(dim=1), dim=1, p=2)
+            self.state.scores[block] = attention_score(attention)
             self.count("attention_scores", 1)

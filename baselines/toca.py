@@ -61,6 +61,33 @@ def spatial_bonus(score: torch.Tensor, bonus: float, grid: int) -> torch.Tensor:
     return cells.view(b, g, g, CELL, CELL).permute(0, 1, 3, 2, 4).reshape(b, n)
 
 
+def choose_fresh_tokens(method, stale_map: dict, key, scores: torch.Tensor, k: int, interval: int):
+    """The k tokens a ToCa-style step recomputes (``cache_cutfresh``), or REUSE when k is 0.
+
+    Score = the attention score s1 + λ·(steps since the token was last fresh) / N, the best token
+    of each 2×2 cell boosted by s4; descending, stable; the chosen tokens' counters reset to 0,
+    the others + 1. Shared by ToCa and DuCa (the same official functions).
+    """
+    stale = stale_map.get(key)
+    if stale is None:
+        stale = torch.zeros_like(scores, dtype=torch.int32)
+    if k == 0:
+        stale_map[key] = stale + 1
+        return REUSE
+    score = scores + method.soft_fresh_weight * (stale.float() / interval)
+    if method.spatial_bonus > 0:
+        score = spatial_bonus(score, method.spatial_bonus, method.info.grid_size)
+    tokens = torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
+    stale_map[key] = (stale + 1).scatter_(1, tokens, 0)
+    method.count("token_scores", method.info.num_tokens)
+    return Subset(tokens)
+
+
+def attention_score(attention: torch.Tensor) -> torch.Tensor:
+    """s1: the head-averaged attention each token receives, L2-normalised over the tokens."""
+    return F.normalize(attention.mean(dim=1).sum(dim=1), dim=1, p=2)
+
+
 def refresh_interval(s: int, num_steps: int, interval: int, ratio: float, weight: float, sensitive: int) -> int:
     """I set by a full block 0 at step s: round(N / (1 + w − 2w·s/T)) in float32, or the forced 2."""
     weight = 0.0 if ratio == 0 else weight
@@ -180,21 +207,9 @@ class ToCa(CacheMethod):
             return COMPUTE
         if not self.needs_scores or (branch == "attn" and not self.partial_attention):
             return REUSE  # the official code cuts (and counts) only the MLP's tokens
-        stale = state.stale.get(key)
-        if stale is None:
-            stale = torch.zeros_like(state.scores[block], dtype=torch.int32)
-        if k == 0:
-            state.stale[key] = stale + 1
-            return REUSE
-        score = state.scores[block] + self.soft_fresh_weight * (stale.float() / self.base_interval)
-        if self.spatial_bonus > 0:
-            score = spatial_bonus(score, self.spatial_bonus, self.info.grid_size)
-        tokens = torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
-        state.stale[key] = (stale + 1).scatter_(1, tokens, 0)
-        self.count("token_scores", self.info.num_tokens)
-        return Subset(tokens)
+        return choose_fresh_tokens(self, state.stale, key, state.scores[block], k, self.base_interval)
 
     def observe(self, step, block, branch, *, x, output, attention, rows):
         if attention is not None:
-            self.state.scores[block] = F.normalize(attention.mean(dim=1).sum(dim=1), dim=1, p=2)
+            self.state.scores[block] = attention_score(attention)
             self.count("attention_scores", 1)
