@@ -260,7 +260,7 @@ def test_in_place_forecast_is_the_official_expression_bit_for_bit(orders, x):
     """``taylor_utils.taylor_formula``: output = 0, then output += (1/i!)·F_i·x**i, as written there."""
     import math
 
-    from baselines.taylorseer import taylor_forecast
+    from tokencache.baselines.taylorseer import taylor_forecast
 
     gen = torch.Generator().manual_seed(orders * 10 + x)
     factors = [torch.randn(3, 16, 8, generator=gen) * 10.0 ** -k for k in range(orders)]

@@ -23,6 +23,42 @@ def validate_config():
 
 validate_config()
 
+
+def plugin_folders():
+    """The ``plugins:`` folders of the config as absolute paths: relative to the config file that
+    names them (the last ``--configfile`` first), else to the working folder. A missing one is
+    one line naming where it was looked for."""
+    bases = [os.path.dirname(os.path.abspath(f)) for f in reversed(workflow.configfiles)] + [os.getcwd()]
+    folders = []
+    for entry in config.get("plugins", []):
+        tried = [os.path.normpath(os.path.join(base, os.path.expanduser(entry))) for base in bases]
+        found = next((path for path in tried if os.path.isdir(path)), None)
+        if found is None:
+            raise ValueError(f"config: plugins: folder {entry!r} not found (looked in {', '.join(dict.fromkeys(tried))})")
+        folders.append(found)
+    return folders
+
+
+def load_config_plugins():
+    """Load the ``plugins:`` folders here and hand them to every job through ``$TOKENCACHE_PLUGINS``
+    (shell jobs, scripts and cluster jobs inherit the environment; a cluster job re-parses this
+    file and sets it again)."""
+    from tokencache.cache.registry import PLUGIN_PATH_VARIABLE, load_plugins
+
+    folders = plugin_folders()
+    if not folders:
+        return
+    inherited = [p for p in os.environ.get(PLUGIN_PATH_VARIABLE, "").split(os.pathsep) if p]
+    os.environ[PLUGIN_PATH_VARIABLE] = os.pathsep.join(dict.fromkeys(folders + inherited))
+    for folder in folders:
+        try:
+            load_plugins(folder)
+        except RuntimeError as exc:
+            raise ValueError(f"config: plugins: {exc}") from None
+
+
+load_config_plugins()
+
 RESULTS = f"results/{config['name']}"
 BACKBONES = list(config["backbones"])
 SAMPLERS = list(config["samplers"])
