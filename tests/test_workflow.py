@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 SMOKE = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
 ABLATION = {"abl-random": {"method": "tokencache:predictor=auto,token_choice=random", "models": ["DiT-digits"]}}
+#: a user's own method (baselines/README.md's first example) run beside the built-ins
+PLUGIN_RUN = {"every-other": {"method": "every-other:interval=2", "models": ["DiT-digits"]}}
 PLOTS = ["pareto_macs", "pareto_latency", "macs_vs_fid", "token_fraction", "calibration", "samples_grid"]
 
 
@@ -43,20 +45,37 @@ def snakemake(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def expected_runs() -> set[tuple[str, str, str]]:
     """(model id, sampler, label) of every run of the smoke config plus the ablation label."""
     runs = set()
-    for label, spec in {**SMOKE["methods"], **ABLATION}.items():
+    for label, spec in {**SMOKE["methods"], **PLUGIN_RUN, **ABLATION}.items():
         for model in spec.get("models", SMOKE["backbones"]):
             for sampler in spec.get("samplers", SMOKE["samplers"]):
                 runs.add((model.replace("/", "_"), sampler, label))
     return runs
 
 
+def plugin_config(folder: Path) -> Path:
+    """The smoke config as a user with their own method writes it: a plugin folder beside the
+    config file (outside the repository), named relative to it, and the method in the runs."""
+    from conftest import readme_examples
+
+    examples, blocks = readme_examples()
+    plugins = folder / "my-methods"
+    plugins.mkdir(parents=True, exist_ok=True)
+    (plugins / "every_other.py").write_text(next(code for code in blocks if '"every-other"' in code))
+    config = {**SMOKE, "plugins": ["my-methods"], "methods": {**SMOKE["methods"], **PLUGIN_RUN}}
+    path = folder / "smoke-with-plugin.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="module")
-def smoke_run():
-    """Run the smoke workflow once for this module; yield its results folder; remove it."""
+def smoke_run(tmp_path_factory):
+    """Run the smoke workflow once for this module, with a plugin method from a folder outside the
+    repository; yield its results folder; remove it."""
     name = f"smoke-test-{os.getpid()}"
     results = ROOT / "results" / name
+    config = plugin_config(tmp_path_factory.mktemp("user"))
     try:
-        done = snakemake("--cores", "2", "--configfile", "config/smoke.yaml", "--config", f"name={name}",
+        done = snakemake("--cores", "2", "--configfile", str(config), "--config", f"name={name}",
                          f"methods={ABLATION}", "ablation=['abl-random']", timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
         yield name, results
@@ -191,13 +210,16 @@ def bad_config(tmp_path, change) -> str:
     (lambda c: c["backbones"]["DiT-digits"].update(checkpoint="nowhere.pt"), "backbones.DiT-digits.checkpoint",
      "nowhere.pt is not a file"),
     (lambda c: c["methods"].update(fora={"method": "nosuch"}), "methods.fora", "unknown method 'nosuch'"),
+    (lambda c: c["methods"].update(mine={"method": "half-mlp"}), "methods.mine",
+     "or load your plugin folder: `plugins:` in the workflow config, `--plugins DIR`, or $TOKENCACHE_PLUGINS"),
+    (lambda c: c.update(plugins=["no-such-folder"]), "plugins", "folder 'no-such-folder' not found (looked in"),
     (lambda c: c["methods"].update(fora={"method": "fora", "params": {"interval": -1}}), "methods.fora",
      "interval must be in 1"),
     (lambda c: c.update(num_samples=-8), "num_samples", "-8 is less than the minimum of 1"),
     (lambda c: c["backbones"]["DiT-digits"].update(cfg_scale=3.0), "backbones.DiT-digits",
      "'checkpoint' is a dependency of 'cfg_scale'"),
 ], ids=["sampler-foo", "sampler-ddim0", "sampler-ddim1", "unknown-backbone", "steps-fraction-0", "shipped-unknown",
-        "missing-checkpoint", "unknown-method", "negative-parameter", "negative-num-samples",
+        "missing-checkpoint", "unknown-method", "unknown-method-hint", "missing-plugin-folder", "negative-parameter", "negative-num-samples",
         "guidance-on-trained-backbone"])
 def test_bad_config_fails_with_one_line(tmp_path, change, key, reason):
     done = snakemake("-n", "--configfile", bad_config(tmp_path, change))

@@ -194,7 +194,8 @@ def method_class(name: str) -> type:
     """The registered class of method ``name``; ValueError listing the choices otherwise."""
     _discover()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))} — or load your plugin "
+                         f"folder: `plugins:` in the workflow config, `--plugins DIR`, or ${PLUGIN_PATH_VARIABLE}")
     return _REGISTRY[name]
 
 
