@@ -167,7 +167,7 @@ def cmd_calibrate(args) -> None:
         settings[key.strip()] = parse_typed(calibration, f"{name} calibration", key.strip(), raw)
     settings = calibration(**settings)
     check_output_file(args.out)
-    model = build_model(args.checkpoint, args.model)
+    model = build_model(args.checkpoint, args.model, parse_overrides(args.model_set))
     sampling = SamplingSettings(cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, clip_denoised=args.clip_denoised)
     with buffered_log(Path(args.out).with_suffix(".log.jsonl")) as log:
         summary = calibrate(method, model, args.sampler, settings, sampling, out=args.out, progress=not args.quiet,
@@ -436,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, metavar="NAME[:KEY=VALUE,…]",
                    help="the method (and variant) to calibrate, e.g. l2c or tokencache")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="model constructor overrides on top of the checkpoint's architecture (as in `sample`)")
     p.add_argument("--model", default=None, help="preset; default: recorded in the checkpoint")
     p.add_argument("--sampler", default="ddim50", help="the sampler the runs will use (the file is tied to it)")
     p.add_argument("--cfg-scale", type=float, default=1.5)

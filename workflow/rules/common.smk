@@ -5,6 +5,35 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
+def merge_config(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, mappings merged key by key (a value of ``top`` wins)."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = merge_config(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
+
+
+def apply_overlay():
+    """``overlay_of: FILE`` makes this config an overlay: FILE's keys (a path relative to the
+    config file naming it), with this config's keys, and ``--config`` ones, merged on top. The
+    rehearsal (config/rehearsal.yaml) is an overlay of config/paper.yaml, so it runs whatever the
+    paper config runs, with only what must differ on a CPU changed."""
+    import yaml
+
+    base = config.pop("overlay_of", None)
+    if base is None:
+        return
+    folders = [os.path.dirname(os.path.abspath(f)) for f in reversed(workflow.configfiles)] + [os.getcwd()]
+    path = next((p for p in (os.path.join(d, base) for d in folders) if os.path.isfile(p)), None)
+    if path is None:
+        raise ValueError(f"config: overlay_of: {base} not found (looked beside the config file and in {os.getcwd()})")
+    with open(path) as f:
+        merged = merge_config(yaml.safe_load(f), config)
+    config.clear()
+    config.update(merged)
+
+
 def validate_config():
     """Schema validation (fills defaults); a mistake ends in one line naming the key, e.g.
     ``config: num_samples: -8 is less than the minimum of 1``. ``--config report=false`` arrives
@@ -21,6 +50,7 @@ def validate_config():
         raise ValueError(f"config: {key}: {cause.message}") from None
 
 
+apply_overlay()
 validate_config()
 
 
@@ -141,6 +171,13 @@ def sampler_settings(model, sampler):
     backbone = config["backbones"][MODEL_IDS[model]]
     opts.update({k: backbone[k] for k in GUIDANCE_KEYS if k in backbone})
     return opts
+
+
+def model_set_options(wildcards):
+    """``--model-set KEY=VALUE …`` from a backbone's ``model_set:`` (constructor keywords over the
+    checkpoint's architecture, e.g. the rehearsal's narrow stand-ins of the official files), or ''."""
+    model_set = config["backbones"][MODEL_IDS[wildcards.model]].get("model_set", {})
+    return "--model-set " + " ".join(f"{k}={v}" for k, v in model_set.items()) if model_set else ""
 
 
 def sampler_options(wildcards):
@@ -292,6 +329,7 @@ def image_side(preset):
     name = config["backbones"][preset].get("checkpoint")
     official = OFFICIAL_WEIGHTS.get(os.path.basename(backbone_checkpoint(preset) or "")) if name else None
     kw.update(official.overrides if official else {})
+    kw.update(config["backbones"][preset].get("model_set", {}))
     return int(kw.get("input_size", 32)) * (8 if kw.get("in_channels", 4) == 4 else 1)
 
 

@@ -62,11 +62,13 @@ rule calibrate:
         f"{RESULTS}/logs/calibrate/{{model}}/{{sampler}}/{{calibration}}.log",
     params:
         opts=sampler_options,
+        model_set=model_set_options,
         method=lambda w: calibration_method(w.calibration),
         settings=lambda w: calibration_settings(w.calibration),
     threads: THREADS
     resources:
         gpu=1 if config["device"] == "cuda" else 0,
     shell:
-        "tokencache calibrate --method {params.method} --checkpoint {input.ckpt} --sampler {wildcards.sampler} "
+        "tokencache calibrate --method {params.method} --checkpoint {input.ckpt} {params.model_set} "
+        "--sampler {wildcards.sampler} "
         "{params.opts} --settings {params.settings} --threads {threads} --out {output.file} --quiet --json > {log} 2>&1"
