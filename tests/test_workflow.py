@@ -36,10 +36,10 @@ def script(name: str):
         sys.path.pop(0)
 
 
-def snakemake(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """``snakemake *args`` from the repository root; one torch thread per job; output as text."""
+def snakemake(*args: str, timeout: float = 60, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``snakemake *args`` from the repository root (or ``cwd``); one torch thread per job; output as text."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run([SNAKEMAKE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def expected_runs() -> set[tuple[str, str, str]]:
@@ -104,6 +104,11 @@ def test_smoke_tables(smoke_run):
     # the digits testbed matches no published number: the reported columns exist and stay empty
     assert table.reported_fid.isna().all() and table.reported_source.isna().all()
     assert (results / "tables" / "main.md").read_text().count("\n") == len(table) + 2
+    # measured time is volatile: in the latency table, not in the main table a rerun reproduces
+    assert not {"latency_s_per_image", "speedup", "seconds"} & set(table.columns)
+    latency = pd.read_csv(results / "tables" / "latency.csv")
+    assert set(zip(latency.model, latency.sampler, latency.method)) == expected_runs()
+    assert (latency.seconds > 0).all() and latency.loc[latency.role == "reference", "speedup"].eq(1.0).all()
 
     ablation = pd.read_csv(results / "tables" / "ablation.csv")
     assert list(ablation.method) == ["tokencache", "abl-random"]  # the default first, then the ablation
@@ -136,7 +141,8 @@ def test_every_table_row_is_in_every_plot(smoke_run, tmp_path):
     table = pd.read_csv(results / "tables" / "main.csv")
     runs = sorted(str(p) for p in (results / "runs").glob("*/*/*/run.json"))
     names = ["pareto_macs", "pareto_latency", "macs_vs_fid", "pareto_psnr", "token_fraction"]
-    data = plots.main(str(results / "tables" / "main.csv"), runs, [], {n: str(tmp_path / f"{n}.png") for n in names})
+    data = plots.main(str(results / "tables" / "main.csv"), runs, [], {n: str(tmp_path / f"{n}.png") for n in names},
+                      latency_csv=str(results / "tables" / "latency.csv"))
     rows = set(zip(table.model, table.sampler, table.method))
     for name in ("pareto_macs", "pareto_latency", "macs_vs_fid", "pareto_psnr"):
         drawn = data[name]
@@ -154,6 +160,50 @@ def test_no_ablation_runs_table(smoke_run, tmp_path):
                 [], out)
     assert Path(out["ablation_md"]).read_text().startswith("No ablation runs were configured")
     assert pd.read_csv(out["ablation_csv"]).columns.tolist() == ["note"]
+
+
+@pytest.mark.slow
+def test_rerun_elsewhere_rewrites_only_volatile_files(smoke_run, tmp_path):
+    """The smoke workflow again, from a copy of the workflow in another folder and under another
+    name: every deterministic file (tokencache.results) is byte-identical to the first run's, and
+    only volatile files differ; none names the folder it was written in; compare says identical."""
+    from tokencache.compare import compare_results
+    from tokencache.results import deterministic_files, differing_files, is_volatile, result_files
+
+    _, first = smoke_run
+    checkout = tmp_path / "elsewhere"
+    for name in ("workflow", "config", "profiles"):
+        shutil.copytree(ROOT / name, checkout / name, symlinks=True)
+    shutil.copy(ROOT / "Snakefile", checkout / "Snakefile")
+    done = snakemake("--cores", "2", "--configfile", "config/smoke.yaml", "--config", "name=rerun",
+                     f"methods={ABLATION}", "ablation=['abl-random']", "report=false", timeout=900, cwd=checkout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    second = checkout / "results" / "rerun"
+
+    kept = deterministic_files(first)
+    assert kept == deterministic_files(second)
+    assert {"tables/main.csv", "tables/main.md", "tables/main.tex", "tables/ablation.csv", "plots/pareto_macs.png",
+            "runs/DiT-digits/ddim5/l2c/run.json", "runs/DiT-digits/ddim5/l2c/metrics.json"} <= set(kept)
+    files = differing_files(first, second)
+    assert files["differ"] and all(is_volatile(f) for f in files["differ"]), [f for f in files["differ"]
+                                                                              if not is_volatile(f)]
+    assert all(is_volatile(f) for f in files["only_a"] + files["only_b"])  # report.html: only the first wrote one
+    volatile = [f for f in result_files(second) if is_volatile(f)]
+    for run in {f.rsplit("/", 1)[0] for f in kept if f.endswith("/run.json")}:
+        assert f"{run}/run.provenance.json" in volatile and f"{run}/metrics.provenance.json" in volatile
+    assert {"tables/latency.csv", "plots/pareto_latency.png"} <= set(volatile)
+
+    # no deterministic file names the folder it was written in, nor its results folder
+    for root, folder in ((first, ROOT), (second, checkout)):
+        for name in kept:
+            data = (root / name).read_bytes()
+            assert str(folder).encode() not in data and f"results/{root.name}".encode() not in data, name
+    run = (second / "runs/DiT-digits/ddim5/l2c/run.json").read_text()
+    assert '"router": "calibration/DiT-digits/ddim5/l2c.pt"' in run and '"checkpoint": "backbones/DiT-digits.pt"' in run
+
+    report = compare_results(first, second)
+    assert report["identical"] and report["agree"]
+    assert report["samples"]["runs"] == len(expected_runs()) and report["samples"]["images_differing"] == 0
 
 
 def test_reported_fid_needs_backbone_sampler_and_guidance():
@@ -339,3 +389,34 @@ def test_after_kill_9_unlock_lets_the_same_command_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     readme = (ROOT / "README.md").read_text()
     assert "snakemake --unlock" in readme and "kill" in readme
+
+
+def dag_jobs(configfile: str) -> tuple[dict, set]:
+    """(job count per rule, {(rule, wildcards)}) of ``snakemake -n`` on a config."""
+    import re
+
+    done = snakemake("-n", "--configfile", configfile, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    counts = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", out, re.M) if rule != "total"}
+    jobs = set(re.findall(r"^rule (\w+):\n(?:    .*\n)*?    wildcards: (.*)$", out, re.M))
+    return counts, jobs
+
+
+@pytest.mark.slow
+def test_the_rehearsal_runs_every_rule_run_and_calibration_of_the_paper_config():
+    """config/rehearsal.yaml runs what config/paper.yaml runs: every rule, every (backbone, sampler,
+    method) run, every calibration and download, whatever the paper config gains later; it differs
+    only in the number of sampling shards (fewer samples)."""
+    paper_counts, paper_jobs = dag_jobs("config/paper.yaml")
+    rehearsal_counts, rehearsal_jobs = dag_jobs("config/rehearsal.yaml")
+    assert set(paper_counts) <= set(rehearsal_counts), set(paper_counts) - set(rehearsal_counts)
+    for rule, count in paper_counts.items():
+        if rule != "sample_shard":
+            assert rehearsal_counts[rule] == count, rule
+    per_run = {(rule, wildcards) for rule, wildcards in paper_jobs if rule != "sample_shard"}
+    assert per_run and per_run <= rehearsal_jobs, sorted(per_run - rehearsal_jobs)[:5]
+    rehearsal = yaml.safe_load((ROOT / "config" / "rehearsal.yaml").read_text())
+    assert rehearsal["overlay_of"] == "paper.yaml"
+    assert not {"methods", "samplers"} & set(rehearsal), "the rehearsal inherits methods and samplers, never redefines them"
+    assert set(rehearsal.get("backbones", {})) <= set(yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["backbones"])
