@@ -420,6 +420,8 @@ def final_outputs():
         f"{RESULTS}/tables/main.md",
         f"{RESULTS}/tables/ablation.csv",
         f"{RESULTS}/tables/ablation.md",
+        f"{RESULTS}/tables/latency.csv",
+        f"{RESULTS}/tables/latency.md",
         *plot_outputs().values(),
         f"{RESULTS}/plots/samples_grid.png",
     ]

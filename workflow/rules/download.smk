@@ -3,6 +3,8 @@
 # into DOWNLOADS (shared by configs) with an atomic write and a checksum check where one is known.
 # Then the evaluation with ADM's Inception features replaces the testbed's digits evaluation.
 # Downloads are local rules: on a cluster they run on the submit host, which has internet.
+# With a mirror (`downloads_base_url:`, or the rehearsal's local server: rehearsal.smk) every rule
+# fetches from it instead, checked against its manifest.json ($TOKENCACHE_MIRROR, read at job time).
 import os
 import re
 from pathlib import Path
@@ -13,28 +15,17 @@ localrules:
 
 
 def fetch_atomic(url, target, sha256=None):
-    """Download ``url`` to ``target`` atomically (:func:`tokencache.io.write_atomic`), then check it.
+    """Download ``url`` to ``target``; return (the URL used, the file's sha256).
 
-    ``sha256``: the full digest, or the 8+ hex digits that torch.hub puts in file names. A
-    mismatch leaves no file and fails with one line.
+    :func:`tokencache.mirror.fetch`: atomic (:func:`tokencache.io.write_atomic`), a transfer cut short
+    retried, then one line naming the URL. ``sha256``: the full digest, or the 8+ hex digits that
+    torch.hub puts in file names; a mismatch leaves no file. With a mirror set ($TOKENCACHE_MIRROR)
+    the file comes from the mirror and is checked against the mirror's manifest instead.
     """
-    import hashlib
-    import urllib.request
+    from tokencache.mirror import fetch, mirror_source
 
-    from tokencache.io import write_atomic
-
-    digest = hashlib.sha256()
-
-    def download(out):
-        with urllib.request.urlopen(url) as response:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
-                digest.update(block)
-        if sha256 and not digest.hexdigest().startswith(sha256):
-            raise ValueError(f"{url}: sha256 {digest.hexdigest()} does not match {sha256}")
-
-    write_atomic(target, format=download)
-    return digest.hexdigest()
+    url, sha256 = mirror_source(url, sha256)
+    return url, fetch(url, target, sha256)
 
 
 def official_files():
@@ -52,7 +43,8 @@ rule download_checkpoint:
         f"{RESULTS}/logs/download/{{filename}}.log",
     retries: 2
     shell:
-        # `tokencache download`: atomic write, the published sha256 checked where one exists
+        # `tokencache download`: atomic write, the published sha256 checked where one exists; from the
+        # mirror in $TOKENCACHE_MIRROR when set, checked against its manifest
         "tokencache download {wildcards.filename} --dir {DOWNLOADS} --quiet --json > {log} 2>&1"
 
 
@@ -65,10 +57,16 @@ rule download_vae:
     retries: 2
     run:
         from tokencache.io import write_atomic
-        from tokencache.models.vae import VAE_REPOS, load_vae
+        from tokencache.mirror import mirror_url
+        from tokencache.models.vae import VAE_REPOS, download_vae, load_vae
 
-        load_vae("ema", "cpu")
-        write_atomic(output.marker, {"vae": "ema", "repo": VAE_REPOS["ema"]})
+        mirror = mirror_url()
+        if mirror is None:
+            load_vae("ema", "cpu")
+            write_atomic(output.marker, {"vae": "ema", "repo": VAE_REPOS["ema"]})
+        else:  # huggingface_hub pointed at the mirror, each file checked against its manifest
+            digests = download_vae("ema", endpoint=mirror)
+            write_atomic(output.marker, {"vae": "ema", "repo": VAE_REPOS["ema"], "mirror": mirror, "sha256": digests})
 
 
 if FEATURES == "inception":
@@ -98,8 +96,8 @@ if FEATURES == "inception":
         run:
             from tokencache.io import write_atomic
 
-            digest = fetch_atomic(params.url, output.ref, params.sha256)
-            write_atomic(log[0], f"{params.url} → {output.ref}\nsha256 {digest}\n")
+            url, digest = fetch_atomic(params.url, output.ref, params.sha256)
+            write_atomic(log[0], f"{url} → {output.ref}\nsha256 {digest}\n")
 
     rule download_inception:
         output:
@@ -114,8 +112,8 @@ if FEATURES == "inception":
             prefix = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(output.weights))
             from tokencache.io import write_atomic
 
-            digest = fetch_atomic(params.url, output.weights, prefix.group(1) if prefix else None)
-            write_atomic(log[0], f"{params.url} → {output.weights}\nsha256 {digest}\n")
+            url, digest = fetch_atomic(params.url, output.weights, prefix.group(1) if prefix else None)
+            write_atomic(log[0], f"{url} → {output.weights}\nsha256 {digest}\n")
 
     rule evaluate_inception:
         # ADM's definitions on Inception features against the downloaded reference batch; in its own
@@ -128,6 +126,7 @@ if FEATURES == "inception":
         output:
             metrics=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.json",
             boot=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.bootstrap.npz",
+            provenance=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.provenance.json",
         log:
             f"{RESULTS}/logs/evaluate/{{model}}/{{sampler}}/{{method}}.log",
         params:
@@ -139,10 +138,14 @@ if FEATURES == "inception":
         threads: THREADS
         resources:
             gpu=1 if config["device"] == "cuda" else 0,
-        shell:
-            "tokencache evaluate {input.npz} --reference {input.ref} --features inception "
-            "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
-            "--bootstrap {params.resamples} --bootstrap-seed {params.seed} --threads {threads} "
-            "--out {output.metrics} --quiet --json > {log} 2>&1"
+        run:
+            from tokencache.results import split_file
+
+            shell("tokencache evaluate {input.npz} --reference {input.ref} --features inception "
+                  "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
+                  "--bootstrap {params.resamples} --bootstrap-seed {params.seed} --threads {threads} "
+                  "--out {output.metrics} --quiet --json > {log} 2>&1")
+            # metrics.json deterministic; machine, timings and absolute paths to metrics.provenance.json
+            split_file(output.metrics, RESULTS)
 
     ruleorder: evaluate_inception > evaluate

@@ -17,6 +17,7 @@ rule evaluate:
     output:
         metrics=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.json",
         boot=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.bootstrap.npz",
+        provenance=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.provenance.json",
     params:
         resamples=BOOTSTRAP["resamples"],
         seed=BOOTSTRAP["seed"],
@@ -39,4 +40,7 @@ rule evaluate:
                               bootstrap_seed=params.seed, bootstrap_out=output.boot)
         if not params.resamples:  # the declared output, empty: no intervals were asked for
             write_atomic(output.boot, {}, format="npz")
-        write_atomic(output.metrics, result)
+        from tokencache.results import write_split
+
+        # metrics.json is deterministic; the machine, timings and absolute paths go to metrics.provenance.json
+        write_split(output.metrics, result, RESULTS)

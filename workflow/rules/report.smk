@@ -8,6 +8,7 @@ rule tables:
         metrics=[f"{d}/metrics.json" for d in run_dirs()],
         runs=[f"{d}/run.json" for d in run_dirs()],
         bootstrap=[f"{d}/metrics.bootstrap.npz" for d in run_dirs()],  # the paired intervals' values
+        timings=[f"{d}/run.provenance.json" for d in run_dirs()],  # the latency table's sampling seconds
         reported=config["reported"],
     output:
         csv=report(f"{RESULTS}/tables/main.csv", category="Tables", caption="../report/main_table.rst"),
@@ -16,6 +17,9 @@ rule tables:
         ablation_csv=report(f"{RESULTS}/tables/ablation.csv", category="Tables",
                             caption="../report/ablation_table.rst"),
         ablation_md=f"{RESULTS}/tables/ablation.md",
+        # volatile (tokencache.results.VOLATILE): this machine's seconds, apart from the deterministic tables
+        latency_csv=report(f"{RESULTS}/tables/latency.csv", category="Tables", caption="../report/latency_table.rst"),
+        latency_md=f"{RESULTS}/tables/latency.md",
     params:
         ablation_labels=ablation_labels(),
     log:
@@ -37,6 +41,7 @@ PLOT_CAPTIONS = {
 rule plots:
     input:
         table=rules.tables.output.csv,
+        latency=rules.tables.output.latency_csv,
         runs=[f"{d}/run.json" for d in run_dirs()],
         calibrations=calibration_files(),
     output:

@@ -46,11 +46,11 @@ rule merge_shards:
     output:
         npz=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/samples.npz",
         meta=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/run.json",
+        provenance=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/run.provenance.json",
     run:
-        # in the workflow's own process: a merge is a copy, not worth a Python start-up per run
-        from pathlib import Path
-
-        from tokencache.io import write_atomic
+        # in the workflow's own process: a merge is a copy, not worth a Python start-up per run.
+        # run.json is deterministic; the machine, timings and absolute paths go to run.provenance.json
+        from tokencache.results import write_split
         from tokencache.run import merge_shards
 
-        write_atomic(output.meta, merge_shards(list(input.npz), output.npz))
+        write_split(output.meta, merge_shards(list(input.npz), output.npz), RESULTS)

@@ -1,4 +1,5 @@
-"""Figures of a finished workflow run, read from ``tables/main.csv`` and the runs' ``run.json``.
+"""Figures of a finished workflow run, read from ``tables/main.csv`` (``tables/latency.csv`` for the
+measured speed-up) and the runs' ``run.json``.
 
 * ``pareto_macs.png`` / ``pareto_latency.png``: speed-up (MACs / measured latency) against FID,
   one panel per model and sampler, one curve per *method* through its run labels (a sweep over
@@ -6,6 +7,8 @@
   of speed-up. The method whose role is "fewer-steps" (starting from the uncached model) is the
   dashed grey curve every cache has to beat; the "reference" (uncached) run is the star at 1×.
   The Pareto front of all points of a panel (nothing is both faster and better) is the thick band.
+  ``pareto_latency.png`` draws this machine's measured time: it is volatile
+  (``tokencache.results.VOLATILE``), every other figure is deterministic.
 * ``pareto_psnr.png``: MACs speed-up against PSNR to the reference run's images (fidelity; the
   metric that separates methods on the testbed, where FID of a few hundred samples is noisy);
   images identical to their uncached twin count at the PSNR cap, where the reference is drawn.
@@ -308,19 +311,38 @@ def calibration_figure(files: list[str], out) -> None:
     save_atomic(fig, out)
 
 
-def main(table_csv, run_paths, calibrations, out: dict) -> dict:
-    """Every figure named in ``out`` (name → path); returns each speed/quality figure's points."""
+def with_latency(table: pd.DataFrame, latency_csv) -> pd.DataFrame:
+    """The main table with the measured ``speedup`` of each row from ``latency.csv`` (tables.py)."""
+    latency = pd.read_csv(latency_csv).rename(columns={"method": "label"})[["model", "sampler", "label", "speedup"]]
+    merged = table.drop(columns=["speedup"], errors="ignore").merge(latency, on=["model", "sampler", "label"],
+                                                                    how="left")
+    if merged.speedup.isna().any():
+        missing = merged[merged.speedup.isna()].iloc[0]
+        raise ValueError(f"{latency_csv}: no measured speed-up for {missing.model}/{missing.sampler}/{missing.label}: "
+                         f"write the tables again (tables.py) before the plots")
+    return merged
+
+
+def main(table_csv, run_paths, calibrations, out: dict, latency_csv=None) -> dict:
+    """Every figure named in ``out`` (name → path); returns each speed/quality figure's points.
+
+    ``pareto_latency`` needs ``latency_csv`` (the measured speed-ups, kept out of the main table)."""
     sns.set_theme(context="notebook", style="whitegrid", font_scale=1.0)
     table, runs = load_points(table_csv, run_paths)
+    if "pareto_latency" in out:
+        if latency_csv is None:
+            raise ValueError("the pareto_latency figure needs the latency table (tables/latency.csv)")
+        table = with_latency(table, latency_csv)
     table["image_values"] = [image_values(runs[k]["model_config"]) for k in zip(table.model, table.sampler, table.label)]
     styles = method_styles(table)
     data = {}
     data["pareto_macs"] = speed_quality_figure(table, styles, "macs_speedup", "speed-up in MACs per image (log scale)",
                                                "Speed-up (MACs) vs FID — better is lower right", True,
                                                out["pareto_macs"])
-    data["pareto_latency"] = speed_quality_figure(table, styles, "speedup", "measured latency speed-up (log scale)",
-                                                  "Speed-up (measured latency) vs FID — better is lower right", True,
-                                                  out["pareto_latency"])
+    if "pareto_latency" in out:
+        data["pareto_latency"] = speed_quality_figure(table, styles, "speedup", "measured latency speed-up (log scale)",
+                                                      "Speed-up (measured latency) vs FID — better is lower right", True,
+                                                      out["pareto_latency"])
     data["macs_vs_fid"] = speed_quality_figure(table, styles, "macs_g_per_image",
                                                "GMACs per generated image, CFG included (log scale)",
                                                "Compute vs FID — better is lower left", False, out["macs_vs_fid"])
@@ -336,4 +358,5 @@ def main(table_csv, run_paths, calibrations, out: dict) -> dict:
 
 if __name__ == "__main__" and "snakemake" in globals():
     sm = snakemake  # noqa: F821
-    main(sm.input.table, sm.input.runs, sm.input.calibrations, {name: path for name, path in sm.output.items()})
+    main(sm.input.table, sm.input.runs, sm.input.calibrations, {name: path for name, path in sm.output.items()},
+         latency_csv=sm.input.latency)

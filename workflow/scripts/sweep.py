@@ -36,6 +36,7 @@ def main() -> None:
     from tokencache.io import write_atomic
     from tokencache.metrics.flops import run_macs
     from tokencache.metrics.quality import evaluate_run
+    from tokencache.results import resolve_portable
     from tokencache.run import SampleRequest, run_sampling
 
     root = Path(args.results)
@@ -47,20 +48,21 @@ def main() -> None:
     reference_dir = root / "runs" / args.model / args.sampler / reference_method()
     reference = json.loads((reference_dir / "run.json").read_text())
     request, num_samples = reference["request"], reference["num_samples"]
-    evaluated = json.loads((reference_dir / "metrics.json").read_text())  # the evaluator and reference it used
+    # the evaluator and reference it used (paths in results files are portable: shipped:NAME or relative to root)
+    evaluated = json.loads((reference_dir / "metrics.json").read_text())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for vary in args.vary:
             params = {**base, **parse_method_spec(f"{name}:{vary}")[1]}
             out = str(Path(tmp) / "samples.npz")
             summary = run_sampling(SampleRequest(
-                checkpoint=request["checkpoint"], out=out, sampler=args.sampler, cfg_scale=request["cfg_scale"],
+                checkpoint=resolve_portable(request["checkpoint"], root), out=out, sampler=args.sampler, cfg_scale=request["cfg_scale"],
                 scale_pow=request["scale_pow"], num_samples=num_samples, batch_size=num_samples,
                 seed=request["seed"], device="cpu", clip_denoised=request["clip_denoised"], method=name,
                 method_params=params), progress=False)
             macs = run_macs(summary)
-            metrics = evaluate_run(out, evaluated["reference"], features="digits",
-                                   weights_path=evaluated["extractor"]["weights"],
+            metrics = evaluate_run(out, resolve_portable(evaluated["reference"], root), features="digits",
+                                   weights_path=resolve_portable(evaluated["extractor"]["weights"], root),
                                    fidelity_to=reference_dir / "samples.npz")
             rows.append({"setting": vary, "macs_speedup": macs["macs_speedup"], "fid": metrics["fid"],
                          "sfid": metrics["sfid"], "psnr_to_full": metrics["psnr_to_full"],

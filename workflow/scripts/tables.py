@@ -1,8 +1,7 @@
 """Result tables: the main table and the ablation of one method's variants, from the runs' small JSON files.
 
 * ``main.{csv,md,tex}``: one row per (model, sampler, run label), in the layout of the caching
-  papers: MACs per image and MACs speed-up, measured latency and its speed-up over the reference,
-  quality (FID, sFID, IS, precision, recall, KID, class consistency) and fidelity to the
+  papers: MACs per image and MACs speed-up, quality (FID, sFID, IS, precision, recall, KID, class consistency) and fidelity to the
   reference's images (PSNR, SSIM), each with its bootstrap 95% interval (``_lo``/``_hi``), and the
   difference of each quality metric from the reference run of the same model and sampler with a
   *paired* 95% interval (``d_<metric>``, ``_lo``, ``_hi``: the same samples' noise and labels,
@@ -17,6 +16,11 @@
   resolved setting that differs between those runs (as the runs recorded them), then MACs
   speed-up, FID, sFID and PSNR to the reference; a one-line table saying so when the config has
   no ablation runs.
+* ``latency.{csv,md}``: the measured side of the main table, one row per run: the sampling
+  seconds its ``run.provenance.json`` recorded, seconds per image, the speed-up over the
+  reference run, the realization ratio (speed-up ÷ MACs speed-up), threads, CPU and load. These
+  are this machine's and this moment's numbers: volatile (``tokencache.results.VOLATILE``), kept
+  out of ``main`` and ``ablation``, whose every byte a faithful rerun reproduces.
 
 Every file is written atomically (a temporary file, then a rename).
 """
@@ -32,8 +36,7 @@ METRICS = ["fid", "sfid", "inception_score", "precision", "recall", "kid", "clas
            "ssim_to_full"]
 #: metrics whose difference from the run's reference gets a paired interval (``d_<m>``, ``d_<m>_lo``, ``d_<m>_hi``)
 PAIRED = ["fid", "sfid", "inception_score", "precision", "recall", "kid", "class_consistency"]
-COLUMNS = (["model", "sampler", "method", "role", "setting", "macs_g_per_image", "macs_speedup", "latency_s_per_image",
-            "speedup"]
+COLUMNS = (["model", "sampler", "method", "role", "setting", "macs_g_per_image", "macs_speedup"]
            + [c for m in METRICS for c in (m, f"{m}_lo", f"{m}_hi")]
            + [c for m in PAIRED for c in (f"d_{m}", f"d_{m}_lo", f"d_{m}_hi")]
            + ["identical_to_full", "reported_fid", "reported_source", "num_samples", "bootstrap_resamples"])
@@ -44,6 +47,9 @@ MD_HEADERS = {"fid": "FID", "d_fid": "ΔFID vs full", "sfid": "sFID", "d_sfid": 
               "ssim_to_full": "SSIM to full"}
 
 ABLATION_RESULTS = ["macs_speedup", "fid", "sfid", "psnr_to_full"]
+#: the latency table: measured seconds (volatile) beside the MACs speed-up, and where they were measured
+LATENCY_COLUMNS = ["model", "sampler", "method", "role", "num_samples", "seconds", "latency_s_per_image", "speedup",
+                   "macs_speedup", "realization", "threads", "cpu_model", "load_average_1min"]
 
 
 def write_atomic(path, text: str) -> None:
@@ -120,8 +126,7 @@ def row(metrics_path: str, run_path: str, reported: list[dict]) -> dict:
     setting = setting_text(run["cache"]["params"], run["cache"].get("calibration_param")) or "—"
     out = {"model": model, "sampler": sampler, "method": label, "role": run["cache"].get("role", "cache"),
            "setting": setting,
-           "num_samples": run["num_samples"], "latency_s_per_image": run["seconds"] / run["num_samples"],
-           "macs_g_per_image": macs["macs_per_image"] / 1e9, "macs_speedup": macs["macs_speedup"]}
+           "num_samples": run["num_samples"], "macs_g_per_image": macs["macs_per_image"] / 1e9, "macs_speedup": macs["macs_speedup"]}
     out.update({k: metrics.get(k) for k in COLUMNS if k in metrics})
     for name, bounds in (metrics.get("ci95") or {}).items():
         if bounds is not None and name in METRICS:
@@ -204,8 +209,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     rows = []
     for _, r in table.iterrows():
         out = {"model": r.model, "sampler": r.sampler, "method": r.method, "setting": r.setting,
-               "MMACs/img": _fmt(r.macs_g_per_image * 1e3), "MACs speed-up": _fmt(r.macs_speedup, 3),
-               "latency speed-up": _fmt(r.speedup, 3)}
+               "MMACs/img": _fmt(r.macs_g_per_image * 1e3), "MACs speed-up": _fmt(r.macs_speedup, 3)}
         for m, header in MD_HEADERS.items():
             if m.startswith("d_"):
                 base = m[2:]
@@ -225,14 +229,61 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def main_table(metrics: list[str], runs: list[str], reported: list[dict]) -> pd.DataFrame:
-    """All rows, the latency speed-up over each (model, sampler)'s reference run, the paired
-    differences from it, sorted by cost."""
+    """All rows and the paired differences from each (model, sampler)'s reference run, sorted by cost."""
     table = pd.DataFrame([row(m, r, reported) for m, r in zip(metrics, runs)])
-    full = table[table.role == "reference"].set_index(["model", "sampler"])["latency_s_per_image"]
-    table["speedup"] = [full[(m, s)] / lat for m, s, lat in zip(table.model, table.sampler, table.latency_s_per_image)]
     table = paired_differences(table, list(metrics))
     table = table[[c for c in COLUMNS if c in table.columns]]
     return table.sort_values(["model", "sampler", "macs_g_per_image"], ascending=[True, True, False])
+
+
+# ---------------------------------------------------------------------------------- latency
+
+
+def latency_table(table: pd.DataFrame, runs: list[str]) -> pd.DataFrame:
+    """The main table's rows with the sampling time each run's ``run.provenance.json`` recorded.
+
+    ``speedup`` is the reference run's seconds per image over the run's (same model and sampler),
+    ``realization`` that speed-up over the MACs speed-up. A run without its provenance file (a
+    results folder written before the split) has empty time columns.
+    """
+    from tokencache.results import read_provenance
+
+    measured = {}
+    for path in runs:
+        volatile = read_provenance(path)
+        machine = volatile.get("provenance") or {}
+        measured[run_key(path)] = {"seconds": volatile.get("seconds"), "threads": machine.get("threads"),
+                                   "cpu_model": machine.get("cpu_model"),
+                                   "load_average_1min": machine.get("load_average_1min")}
+    rows = []
+    for _, r in table.iterrows():
+        found = measured.get((r.model, r.sampler, r.method), {})
+        seconds = found.get("seconds")
+        rows.append({"model": r.model, "sampler": r.sampler, "method": r.method, "role": r.role,
+                     "num_samples": r.num_samples, "seconds": seconds,
+                     "latency_s_per_image": None if seconds is None else seconds / r.num_samples,
+                     "macs_speedup": r.macs_speedup, **{k: found.get(k) for k in ("threads", "cpu_model",
+                                                                                   "load_average_1min")}})
+    latency = pd.DataFrame(rows)
+    latency["latency_s_per_image"] = latency["latency_s_per_image"].astype(float)
+    full = latency[latency.role == "reference"].set_index(["model", "sampler"])["latency_s_per_image"]
+    latency["speedup"] = [full.get((m, s), float("nan")) / lat if lat else float("nan")
+                          for m, s, lat in zip(latency.model, latency.sampler, latency.latency_s_per_image)]
+    latency["realization"] = latency.speedup / latency.macs_speedup
+    return latency[LATENCY_COLUMNS]
+
+
+def latency_markdown(latency: pd.DataFrame) -> str:
+    """latency.md: seconds per image, the speed-ups measured and counted, and where it was measured."""
+    rows = [{"model": r.model, "sampler": r.sampler, "method": r.method,
+             "s/img": _fmt(r.latency_s_per_image, 3), "latency speed-up": _fmt(r.speedup, 3),
+             "MACs speed-up": _fmt(r.macs_speedup, 3), "realization": _fmt(r.realization, 3),
+             "threads": "—" if pd.isna(r.threads) else str(int(r.threads)),
+             "load (1 min)": _fmt(r.load_average_1min, 3)} for _, r in latency.iterrows()]
+    cpus = sorted({str(c) for c in latency.cpu_model.dropna()})
+    note = (f"Sampling jobs' wall-clock time on {', '.join(cpus) or 'an unrecorded CPU'} (volatile: this machine's and "
+            f"this moment's numbers; `tokencache latency` times methods side by side).\n\n")
+    return note + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 # ---------------------------------------------------------------------------------- ablation
@@ -277,11 +328,16 @@ NO_ABLATION = ("No ablation runs were configured: list the labels of one method'
 
 
 def main(metrics, runs, reported_path, ablation_labels, out) -> None:
-    """Write main.{csv,md,tex} and ablation.{csv,md} (``out``: output name → path)."""
+    """Write main.{csv,md,tex}, ablation.{csv,md} and, when ``out`` names them, latency.{csv,md}
+    (``out``: output name → path)."""
     table = main_table(list(metrics), list(runs), load_reported(reported_path))
     write_atomic(out["csv"], table.to_csv(index=False))
     write_atomic(out["md"], markdown_table(table))
     write_atomic(out["tex"], table.to_latex(index=False, float_format="%.4g", escape=True, na_rep="--"))
+    if "latency_csv" in out:
+        latency = latency_table(table, list(runs))
+        write_atomic(out["latency_csv"], latency.to_csv(index=False))
+        write_atomic(out["latency_md"], latency_markdown(latency))
 
     if ablation_labels:
         ablation = ablation_table(table, list(runs), list(ablation_labels))
@@ -295,4 +351,5 @@ def main(metrics, runs, reported_path, ablation_labels, out) -> None:
 if __name__ == "__main__" and "snakemake" in globals():
     sm = snakemake  # noqa: F821
     main(sm.input.metrics, sm.input.runs, sm.input.reported, sm.params.ablation_labels,
-         {name: getattr(sm.output, name) for name in ("csv", "md", "tex", "ablation_csv", "ablation_md")})
+         {name: getattr(sm.output, name) for name in ("csv", "md", "tex", "ablation_csv", "ablation_md", "latency_csv",
+                                                      "latency_md")})
