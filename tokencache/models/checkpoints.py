@@ -8,7 +8,6 @@ keys and the preset whose layout would fit.
 from __future__ import annotations
 
 import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -183,36 +182,38 @@ def sha256_of(path: str | os.PathLike) -> str:
     return sha256_file(checkpoint_file(path))
 
 
-def download_official(filename: str, folder: str | os.PathLike, progress: bool = True) -> Path:
+def download_official(filename: str, folder: str | os.PathLike, progress: bool = True,
+                      base_url: Optional[str] = None) -> Path:
     """Download one of :data:`OFFICIAL_WEIGHTS` into ``folder`` (atomic: temp file, then rename).
 
-    Skips the download if the file exists (verifying the checksum where one is known). Needs
-    internet; nothing in the test suite calls it.
+    Skips the download if the file exists (verifying the checksum where one is known). ``base_url``
+    (default ``$TOKENCACHE_MIRROR``, :mod:`tokencache.mirror`): fetch ``BASE/<filename>`` and check
+    it against the mirror's manifest instead of the official URL. Needs the network; the test suite
+    only reaches a mirror on 127.0.0.1. A transfer cut short is retried, then fails in one line.
     """
+    from tokencache.mirror import DownloadError, fetch, mirror_source
+
     if filename not in OFFICIAL_WEIGHTS:
         raise CheckpointError(f"unknown official file {filename!r}; known: {', '.join(OFFICIAL_WEIGHTS)}")
     spec = OFFICIAL_WEIGHTS[filename]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / filename
+    url, sha256 = mirror_source(spec.url, spec.sha256, base_url)
     if not target.exists():
-        write_atomic(target, format=lambda out: _fetch(spec.url, out, progress, os.path.basename(target)))
+        try:
+            fetch(url, target, sha256, progress=progress, stream_fn=lambda *args: _fetch(*args))
+        except DownloadError as exc:
+            raise CheckpointError(f"{exc}; download it by hand and pass its path") from None
     digest = sha256_of(target)
-    if spec.sha256 and digest != spec.sha256:
-        raise CheckpointError(f"{target}: sha256 {digest} does not match the published {spec.sha256}; delete it and retry")
+    if sha256 and digest != sha256:
+        raise CheckpointError(f"{target}: sha256 {digest} does not match the expected {sha256}; delete it and retry")
     return target
 
 
 def _fetch(url: str, out, progress: bool, name: str) -> None:
-    """Stream ``url`` into the open binary file ``out``."""
-    from tqdm import tqdm
+    """Stream ``url`` into the open binary file ``out`` (:func:`tokencache.mirror.stream`: a body
+    shorter than its Content-Length is an error, not a short file)."""
+    from tokencache.mirror import stream
 
-    try:
-        with urllib.request.urlopen(url) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            with tqdm(total=total or None, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    out.write(block)
-                    bar.update(len(block))
-    except OSError as exc:
-        raise CheckpointError(f"cannot download {url}: {exc}; download it by hand and pass its path") from exc
+    stream(url, out, progress, name)

@@ -57,3 +57,64 @@ def images_to_uint8(images: torch.Tensor, family: str) -> np.ndarray:
         u8 = u8.repeat(1, 1, 1, 3)
     return u8.cpu().numpy()
 
+
+
+def download_vae(variant: str = "ema", endpoint: str | None = None, timeout: float = 600.0) -> dict:
+    """Fetch the VAE into the Hugging Face cache; return {file: sha256} of the cached files.
+
+    ``endpoint``: a hub mirror (``HF_ENDPOINT``), e.g. a :class:`tokencache.mirror.MirrorServer`,
+    whose ``manifest.json`` then gives the sha256 each file must have (a mismatch is one line, and
+    the caller writes no marker, so no job uses the VAE). It runs in a fresh process because
+    huggingface_hub reads ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` when imported:
+    a process that imported it already (or runs offline, as the workflow's jobs do with a mirror)
+    cannot be pointed at the mirror. Without ``endpoint``: the hub, as :func:`load_vae` does.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = VAE_REPOS.get(variant, variant)
+    env = dict(os.environ)
+    if endpoint:
+        env.update(HF_ENDPOINT=endpoint.rstrip("/"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1")
+    code = "import sys; from tokencache.models.vae import _download_in_process as d; d(sys.argv[1])"
+    try:
+        done = subprocess.run([sys.executable, "-c", code, variant], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"fetching the VAE {repo!r} from {endpoint or 'the hub'} took over {timeout:.0f} s") from None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"cannot fetch the VAE {repo!r} from {endpoint or 'the hub'}: {tail}")
+    digests = json.loads(lines[-1])
+    if endpoint:
+        from tokencache.mirror import read_manifest
+
+        listed = read_manifest(endpoint)["files"]
+        for name, digest in digests.items():
+            expected = (listed.get(f"{repo}/{name}") or {}).get("sha256")
+            if expected != digest:
+                raise RuntimeError(f"{endpoint}/{repo}/resolve/main/{name}: sha256 {digest} does not match the "
+                                   f"mirror's manifest ({expected or 'not listed'}); the VAE was not accepted")
+    return digests
+
+
+def _download_in_process(variant: str) -> None:
+    """:func:`download_vae`'s child: load the VAE (hub or mirror), print {file: sha256} of its cached files."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    from tokencache.io import sha256_file
+
+    load_vae(variant, "cpu")
+    repo = VAE_REPOS.get(variant, variant)
+    digests = {}
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        try:
+            digests[name] = sha256_file(hf_hub_download(repo, name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - a repository with .bin weights: report what is there
+            continue
+    print(json.dumps(digests))
