@@ -174,10 +174,11 @@ def sampler_settings(model, sampler):
 
 
 def model_set_options(wildcards):
-    """``--model-set KEY=VALUE …`` from a backbone's ``model_set:`` (constructor keywords over the
-    checkpoint's architecture, e.g. the rehearsal's narrow stand-ins of the official files), or ''."""
+    """`` --model-set KEY=VALUE …`` (a leading space) from a backbone's ``model_set:`` (constructor
+    keywords over the checkpoint's architecture, e.g. the rehearsal's narrow stand-ins of the
+    official files), or ''."""
     model_set = config["backbones"][MODEL_IDS[wildcards.model]].get("model_set", {})
-    return "--model-set " + " ".join(f"{k}={v}" for k, v in model_set.items()) if model_set else ""
+    return " --model-set " + " ".join(f"{k}={v}" for k, v in model_set.items()) if model_set else ""
 
 
 def sampler_options(wildcards):

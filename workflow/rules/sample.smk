@@ -29,7 +29,7 @@ rule sample_shard:
     resources:
         gpu=GPUS_PER_JOB if config["device"] == "cuda" else 0,
     shell:
-        "{params.launcher} sample --checkpoint {input.ckpt} {params.model_set} --sampler {wildcards.sampler} "
+        "{params.launcher} sample --checkpoint {input.ckpt}{params.model_set} --sampler {wildcards.sampler} "
         "{params.opts} {params.method} --seed {params.seed} --start-index {wildcards.first} --num-samples {wildcards.size} "
         "--batch-size {params.batch} --device {params.device} --threads {threads} --out {output.npz} --quiet --json "
         "> {log} 2>&1"

@@ -69,6 +69,6 @@ rule calibrate:
     resources:
         gpu=1 if config["device"] == "cuda" else 0,
     shell:
-        "tokencache calibrate --method {params.method} --checkpoint {input.ckpt} {params.model_set} "
+        "tokencache calibrate --method {params.method} --checkpoint {input.ckpt}{params.model_set} "
         "--sampler {wildcards.sampler} "
         "{params.opts} --settings {params.settings} --threads {threads} --out {output.file} --quiet --json > {log} 2>&1"
