@@ -175,7 +175,8 @@ def test_rerun_elsewhere_rewrites_only_volatile_files(smoke_run, tmp_path):
     for name in ("workflow", "config", "profiles"):
         shutil.copytree(ROOT / name, checkout / name, symlinks=True)
     shutil.copy(ROOT / "Snakefile", checkout / "Snakefile")
-    done = snakemake("--cores", "2", "--configfile", "config/smoke.yaml", "--config", "name=rerun",
+    config = plugin_config(tmp_path / "user")  # the first run's config, its plugin folder elsewhere too
+    done = snakemake("--cores", "2", "--configfile", str(config), "--config", "name=rerun",
                      f"methods={ABLATION}", "ablation=['abl-random']", "report=false", timeout=900, cwd=checkout)
     assert done.returncode == 0, done.stderr[-4000:]
     second = checkout / "results" / "rerun"
