@@ -32,7 +32,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
 
 #: subcommands that compute with torch: they take --threads
 COMPUTE_COMMANDS = {"train-backbone", "sample", "calibrate", "train-evaluator",
-                    "reference", "evaluate", "flops", "latency"}
+                    "reference", "evaluate", "flops", "latency", "standins"}
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -87,8 +87,18 @@ def cmd_download(args) -> None:
 
     names = list(OFFICIAL_WEIGHTS) if args.name == "all" else [args.name]
     for name in names:
-        path = download_official(name, args.dir, progress=not args.quiet)
+        path = download_official(name, args.dir, progress=not args.quiet, base_url=args.base_url)
         print(path)
+
+
+def cmd_standins(args) -> None:
+    from tokencache.standins import build_standins, parse_model_sets
+
+    manifest = build_standins(args.out_dir, seed=args.seed, model_sets=parse_model_sets(args.model_set),
+                              reference_count=args.reference_images)
+    _emit({"out_dir": str(args.out_dir), **manifest}, args.json,
+          f"wrote {len(manifest['files'])} stand-ins and manifest.json to {args.out_dir} (seed {args.seed}); "
+          f"serve them with a mirror (README, \"Running at paper scale / on SLURM\")")
 
 
 def cmd_train_backbone(args) -> None:
@@ -405,6 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="file name (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt, mdt_xl2_v1_ckpt.pt, "
                                "mdt_xl2_v2_ckpt.pt) or 'all'")
     p.add_argument("--dir", default="checkpoints", help="target folder (default: checkpoints)")
+    p.add_argument("--base-url", default=None, metavar="URL",
+                   help="fetch URL/<file name> from a mirror and check it against URL/manifest.json "
+                        "(default: $TOKENCACHE_MIRROR if set, else the official URLs)")
+
+    p = add("standins", cmd_standins,
+            "write stand-ins of the paper config's downloads (official formats, random weights from a seed; no network)")
+    p.add_argument("out_dir", help="folder for the checkpoints, VAE, Inception weights, reference batch, manifest.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random value (default: 0; same seed, same bytes)")
+    p.add_argument("--model-set", action="append", default=[], metavar="PRESET:KEY=VALUE[,KEY=VALUE]",
+                   help="constructor overrides of a stand-in checkpoint, e.g. DiT-XL/2:hidden_size=32,num_heads=2 "
+                        "(repeatable; default hidden_size=32,num_heads=2 for DiT-XL/2 and MDTv2-XL/2); load it "
+                        "with the same overrides: tokencache sample --model-set hidden_size=32 num_heads=2")
+    p.add_argument("--reference-images", type=int, default=16,
+                   help="images of the stand-in reference batch (default: 16; ADM's has 10,000)")
 
     p = add("train-backbone", cmd_train_backbone, "train a digits testbed backbone (DiT or MDTv2) on the CPU")
     p.add_argument("--model", default="DiT-digits", help="preset or family (default: DiT-digits)")
@@ -605,6 +629,7 @@ class OneLineParser(argparse.ArgumentParser):
 NUMBER_RULES = {
     "seed": dict(minimum=0, integer=True), "bootstrap_seed": dict(minimum=0, integer=True),
     "start_index": dict(minimum=0, integer=True), "num_samples": dict(minimum=1, integer=True),
+    "reference_images": dict(minimum=2, integer=True),
     "batch_size": dict(minimum=1, integer=True), "batch_sizes": dict(minimum=1, integer=True),
     "steps": dict(minimum=1, integer=True), "threads": dict(minimum=1, integer=True),
     "repeats": dict(minimum=1, integer=True), "warmup": dict(minimum=0, integer=True),
