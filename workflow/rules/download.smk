@@ -28,6 +28,16 @@ def fetch_atomic(url, target, sha256=None):
     return url, fetch(url, target, sha256)
 
 
+def download_source():
+    """Where the downloads come from, as a rule parameter: the official URLs, a mirror's URL, or the
+    rehearsal's recipe (seed, stand-in widths, reference size). A change of it re-runs the downloads
+    (Snakemake's params trigger), so stand-ins of another recipe are never used in their place."""
+    if config.get("rehearsal") is not None:
+        model_sets = {p: spec.get("model_set", {}) for p, spec in sorted(config["backbones"].items())}
+        return f"rehearsal {sorted(config['rehearsal'].items())} {model_sets}"
+    return config.get("downloads_base_url") or "official"
+
+
 def official_files():
     """Names of the official checkpoint files the config's backbones use (see backbone_checkpoint)."""
     paths = [backbone_checkpoint(preset) for preset in BACKBONES]
@@ -41,6 +51,8 @@ rule download_checkpoint:
         filename="|".join(re.escape(f) for f in official_files()) or "no-official-checkpoint",
     log:
         f"{RESULTS}/logs/download/{{filename}}.log",
+    params:
+        source=download_source(),
     retries: 2
     shell:
         # `tokencache download`: atomic write, the published sha256 checked where one exists; from the
@@ -54,6 +66,8 @@ rule download_vae:
         marker=f"{DOWNLOADS}/vae-ema.json",
     log:
         f"{RESULTS}/logs/download/vae-ema.log",
+    params:
+        source=download_source(),
     retries: 2
     run:
         from tokencache.io import write_atomic
@@ -90,6 +104,7 @@ if FEATURES == "inception":
         params:
             url=config["reference"]["url"],
             sha256=config["reference"].get("sha256"),
+            source=download_source(),
         log:
             f"{RESULTS}/logs/download/reference.log",
         retries: 2
@@ -104,6 +119,7 @@ if FEATURES == "inception":
             weights=f"{DOWNLOADS}/{os.path.basename(inception_url())}",
         params:
             url=inception_url(),
+            source=download_source(),
         log:
             f"{RESULTS}/logs/download/inception.log",
         retries: 2
@@ -138,14 +154,12 @@ if FEATURES == "inception":
         threads: THREADS
         resources:
             gpu=1 if config["device"] == "cuda" else 0,
-        run:
-            from tokencache.results import split_file
-
-            shell("tokencache evaluate {input.npz} --reference {input.ref} --features inception "
-                  "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
-                  "--bootstrap {params.resamples} --bootstrap-seed {params.seed} --threads {threads} "
-                  "--out {output.metrics} --quiet --json > {log} 2>&1")
-            # metrics.json deterministic; machine, timings and absolute paths to metrics.provenance.json
-            split_file(output.metrics, RESULTS)
+        shell:
+            # then metrics.json split: deterministic, and the machine, timings and absolute paths in
+            # metrics.provenance.json (tokencache/results.py)
+            "tokencache evaluate {input.npz} --reference {input.ref} --features inception "
+            "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
+            "--bootstrap {params.resamples} --bootstrap-seed {params.seed} --threads {threads} "
+            "--out {output.metrics} --quiet --json > {log} 2>&1 && python -m tokencache.results {output.metrics} {RESULTS}"
 
     ruleorder: evaluate_inception > evaluate
