@@ -86,6 +86,21 @@ def test_split_keeps_everything_and_moves_what_varies(tmp_path, monkeypatch):
     assert deterministic["extractor"]["weights"] == "shipped:digits-evaluator"
 
 
+def test_a_shell_jobs_record_is_split_in_place(tmp_path):
+    """``python -m tokencache.results RECORD RESULTS`` (the Inception evaluation's shell rule)."""
+    from tokencache.results import main as split_main
+
+    record = read_record(RUN / "metrics.json")
+    path = tmp_path / "results" / "x" / "runs" / "m" / "s" / "l" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    assert split_main([str(path), str(tmp_path / "results" / "x")]) == 0
+    assert "provenance" not in json.loads(path.read_text())
+    assert read_record(path) == record
+    with pytest.raises(SystemExit):
+        split_main([str(tmp_path / "nothing.json"), str(tmp_path)])
+
+
 def test_committed_results_hold_nothing_volatile():
     """results/digits in the new layout: every run has its provenance beside it, and no deterministic
     file holds a machine, a time, a commit or an absolute path."""

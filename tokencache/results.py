@@ -261,3 +261,22 @@ def _same_bytes(x: Path, y: Path) -> bool:
                 return False
             if not chunk:
                 return True
+
+
+def main(argv=None) -> int:
+    """``python -m tokencache.results RECORD RESULTS``: split a record a shell job wrote (``tokencache
+    evaluate --out``) in place into the deterministic file and its ``.provenance.json``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tokencache.results", description=main.__doc__.splitlines()[0])
+    parser.add_argument("record", help="the JSON a job wrote, inside the results folder")
+    parser.add_argument("results", help="the results folder (results/<name>)")
+    args = parser.parse_args(argv)
+    if not Path(args.record).is_file():
+        parser.error(f"{args.record} is not a file: give the JSON the job wrote")
+    split_file(args.record, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
