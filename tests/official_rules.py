@@ -15,6 +15,11 @@ sampling run; the tests compare it with what the engine recorded.
   f86744af7daa0f569fe4324e73e3e50cebf70f4c, ``src/cache_dit/caching/``
 * TeaCache — ali-vilab/TeaCache @ 7c10efc4702c6b619f47805f7abe4a7a08085aa0,
   ``eval/teacache/experiments/latte.py``
+* ClusCa, SpeCa — Shenyi-Z/Cache4Diffusion @ 91a1949fcc88acab46547f0b5f295f5de2df2870,
+  ``dit/clusca-dit/``, ``dit/speca-dit/``
+* MagCache — Zehong-Ma/MagCache @ df81cb181776c2c61477c08e1d21f87fda1cd938 and diffusers @
+  58eb52c0803ea9af3abec60841c2a093bdf1f951, ``src/diffusers/hooks/mag_cache.py``
+* DuCa's ``cache_type='kv-norm'`` (DuCa pin above); Δ-DiT (arXiv 2406.01125, no official code)
 
 The First-Block Cache and TeaCache transcriptions are whole forwards (hooks, or a replacement of
 the model's forward as the official integrations do), run on a batch of one sample, where the
@@ -605,3 +610,415 @@ class TeaCacheLatte:
         hidden_states = run_blocks(hidden_states)
         self.previous_residual = hidden_states - hidden_states_origin
         return hidden_states
+
+
+# ============================================================================ newer baselines (issue 23)
+# ClusCa and SpeCa — Shenyi-Z/Cache4Diffusion @ 91a1949fcc88acab46547f0b5f295f5de2df2870,
+#   ``dit/clusca-dit/`` and ``dit/speca-dit/`` (paths below are relative to those folders).
+# MagCache — Zehong-Ma/MagCache @ df81cb181776c2c61477c08e1d21f87fda1cd938 (``MagCache4FLUX/magcache_flux.py``,
+#   ``MagCache4Wan2.1/magcache_generate.py``); diffusers @ 58eb52c0803ea9af3abec60841c2a093bdf1f951,
+#   ``src/diffusers/hooks/mag_cache.py``.
+# DuCa kv-norm — Shenyi-Z/DuCa @ 0a7151b7bfea3822295e8d29f26cd2e10756670c, ``DuCa-DiT/``.
+# Δ-DiT — arXiv 2406.01125; no official code: ``delta_dit_plan`` is this project's reading of the paper.
+
+
+def _taylor_terms(factors, distance):
+    """``taylor_utils/__init__.py`` (clusca 25–38, speca 35–46): output = 0, then for i = 0, 1, …
+    output += (1 / i!) · F_i · distance**i (a Python float, then the tensor, then a Python int)."""
+    import math
+
+    total = 0
+    for order, factor in enumerate(factors):
+        total = total + (1 / math.factorial(order)) * factor * (distance ** order)
+    return total
+
+
+def _taylor_refresh(old, feature, gap, step, num_steps, max_order, first_enhance):
+    """``derivative_approximation`` (clusca/speca ``taylor_utils/__init__.py`` 5–23): F_0 = the new
+    output; F_{i+1} = (F_i(new) − F_i(old)) / gap while the old list has order i and
+    step < T − first_enhance + 1. Returns the new list (the official dict is replaced)."""
+    new = [feature]
+    for order in range(max_order):
+        if order < len(old) and step < num_steps - first_enhance + 1:
+            new.append((new[order] - old[order]) / gap)
+        else:
+            break
+    return new
+
+
+# ----------------------------------------------------------------------------------------- ClusCa
+
+
+def clusca_schedule(num_steps: int, interval: int = 4, first_enhance: int = 2) -> list[str]:
+    """Per sampling step k (= T−1−s): "full" or "ClusCa".
+
+    ``cache_functions/cal_type.py`` 8–27 (once per forward, ``models.py`` 378): full iff
+    s > T − first_enhance − 1 (``first_enhance = 2``, ``cache_init.py`` 21) or
+    ``cache_counter == cal_threshold − 1``; a full step zeroes the counter, appends s to
+    ``activated_steps`` and sets ``cal_threshold = interval`` (``force_scheduler.py`` 6); otherwise
+    the counter + 1 and the type is 'ClusCa' when ``cluster_num > 0`` (``cache_init.py`` 28).
+    This is TaylorSeer's schedule: full at k = 0, 1, then k = 1 + jN.
+    """
+    types, counter, threshold = [], 0, None
+    for k in range(num_steps):
+        s = num_steps - 1 - k
+        warm = s > num_steps - first_enhance - 1
+        limit = interval if warm else threshold
+        if warm or counter == limit - 1:
+            types.append("full")
+            counter, threshold = 0, interval
+        else:
+            counter += 1
+            types.append("ClusCa")
+    return types
+
+
+def clusca_kmeans(x: torch.Tensor, clusters: int, init_idx: torch.Tensor = None, centroids: torch.Tensor = None,
+                  max_iter: int = 100, rtol: float = 1e-4):
+    """``cluster_utils/Kmeans.py`` 11–34 with ``cluster_utils/__init__.py`` 7–14: Lloyd iterations
+    in L1 distance on x (B, N, D) — block 27's output on a full step (``models.py`` 160–161).
+
+    * start: ``centroids`` (the previous full step's, a warm start) or, the first time,
+      x[b, init_idx[b]] with ``init_idx`` = randint(0, N, (B, K)) from the global RNG (34);
+    * each iteration (at most ``max_iter`` = 100): labels = argmin of cdist(x, C, p=1) (first
+      index on ties); C' = (one-hot(labels)ᵀ x) / (counts + 1e-8) — an empty cluster gets the
+      zero centroid; stop when allclose(C, C', rtol=1e-4) over the *whole batch* (atol 1e-8),
+      keeping C (not C'); else C ← C'.
+
+    Returns ``(labels, centroids, iterations)``: the labels of the last iteration, the centroids
+    the official code caches for the next full step, and the number of iterations run.
+    """
+    if centroids is None:
+        rows = torch.arange(x.shape[0])[:, None]
+        centroids = x[rows, init_idx]
+    iterations = 0
+    for _ in range(max_iter):
+        iterations += 1
+        labels = torch.cdist(x, centroids, p=1).argmin(dim=-1)
+        members = F.one_hot(labels, num_classes=clusters).type_as(x)  # (B, N, K)
+        sizes = members.sum(dim=1) + 1e-8
+        moved = torch.bmm(members.transpose(1, 2), x) / sizes.unsqueeze(-1)
+        if torch.allclose(centroids, moved, rtol=rtol):
+            break
+        centroids = moved
+    return labels, centroids, iterations
+
+
+def clusca_select_tokens(labels: torch.Tensor, clusters: int, weights: torch.Tensor) -> torch.Tensor:
+    """``cache_functions/select_fresh_tokens.py`` 3–17: one token per cluster, (B, K) indices.
+
+    ``weights`` is the official ``torch.rand((B, N))`` drawn once per block on every ClusCa step
+    (``select_fresh_tokens.py`` 11, via ``cache_cutfresh.py`` 19 and ``models.py`` 208). Cluster
+    j's token is the member with the largest weight; an empty cluster has only −inf and argmax gives token 0.
+    """
+    ids = torch.arange(clusters).view(1, -1, 1)
+    inside = labels.unsqueeze(1) == ids  # (B, K, N)
+    masked = torch.where(inside, weights.unsqueeze(1), torch.tensor(-float("inf")))
+    return masked.argmax(dim=2)
+
+
+def clusca_refresh_mlp(factors, fresh_idx: torch.Tensor, fresh_out: torch.Tensor, labels: torch.Tensor,
+                       clusters: int, distance: int, propagation_ratio: float = 0.0, tokens_per_cluster: int = 1):
+    """The MLP of a ClusCa block (``models.py`` 207–220, ``update_cache.py`` 2–50).
+
+    ``factors``: the MLP's Taylor factors [F_0, F_1, …] from the last full step; ``fresh_out``:
+    the MLP recomputed on the chosen tokens of x *after* the forecast attention residual
+    (``models.py`` 202–209), (B, K, D). Official arithmetic:
+
+    * F_0 ← F_0 with the fresh outputs scattered in (in place: the change persists into the next
+      ClusCa steps and into the next full step's differences);
+    * propagation only when ``propagation_ratio > 0`` (``models.py`` 211–214): per cluster the
+      float32 *sum* of its fresh outputs (k == 1: no division; an empty cluster's duplicate of
+      token 0 adds to token 0's cluster), mean for k > 1 (count clamp 1e-6); every token then
+      F_0 ← sum[cluster]·p + F_0·(1 − p) (a new tensor, float32 by promotion);
+    * output = Σ_i (1/i!)·F_i·distance^i over the updated factors (``models.py`` 217–220).
+
+    Returns ``(new_factors, forecast)`` — ``new_factors[0]`` is what the official cache holds next.
+    """
+    first = factors[0].clone()
+    index = fresh_idx.unsqueeze(-1).expand(-1, -1, fresh_out.shape[-1])
+    first.scatter_(1, index, fresh_out)
+    if propagation_ratio > 0.0:
+        rows, _, width = first.shape
+        owner = labels.gather(1, fresh_idx)
+        total = torch.zeros(rows, clusters, width)
+        total.scatter_add_(1, owner.unsqueeze(-1).expand(-1, -1, width), fresh_out.float())
+        if tokens_per_cluster == 1:
+            per_cluster = total
+        elif tokens_per_cluster > 1:
+            count = torch.zeros(rows, clusters)
+            count.scatter_add_(1, owner, torch.ones(owner.shape, dtype=torch.float))
+            per_cluster = total / count.unsqueeze(-1).clamp(min=1e-6)
+        else:
+            raise UnboundLocalError("k < 1: the official mean_per_cluster is never assigned")
+        spread = per_cluster.gather(1, labels.unsqueeze(-1).expand(-1, -1, width))
+        first = spread * propagation_ratio + first * (1 - propagation_ratio)
+    new = [first] + list(factors[1:])
+    return new, _taylor_terms(new, distance)
+
+
+def clusca_full_refresh(old, feature, gap, step, num_steps, max_order=4):
+    """A ClusCa full block's Taylor update (``models.py`` 144–158; ``taylor_utils`` 5–23 with
+    ``first_enhance = 2``); ``old[0]`` must be the in-place refreshed F_0 the ClusCa steps left."""
+    return _taylor_refresh([] if step == num_steps - 1 else old, feature, gap, step, num_steps, max_order, 2)
+
+
+def clusca_rng_calls(num_steps: int, num_blocks: int, rows: int, num_tokens: int, clusters: int = 16,
+                     interval: int = 4, latent=(4, 32, 32)):
+    """The official draws from the global RNG, in order (``sample.py`` 23, 58; ``gaussian_diffusion.py``
+    p_sample / ddim_sample ``th.randn_like(x)``): ('randn', (rows/2, *latent)) for z; then per step
+    k: on a full step ('randint', (rows, K)) once, at the first full step's block L−1 (the K-means
+    init); on a ClusCa step ('rand', (rows, N)) per block in order; after the model call the
+    sampler's ('randn', (rows, *latent)) — drawn by DDIM too (η = 0 multiplies it by 0)."""
+    calls = [("randn", (rows // 2, *latent), None, None)]
+    initialised = False
+    for k, kind in enumerate(clusca_schedule(num_steps, interval)):
+        if kind == "full" and not initialised:
+            calls.append(("randint", (rows, clusters), k, num_blocks - 1))
+            initialised = True
+        elif kind == "ClusCa":
+            calls.extend(("rand", (rows, num_tokens), k, block) for block in range(num_blocks))
+        calls.append(("randn", (rows, *latent), k, None))
+    return calls
+
+
+# ------------------------------------------------------------------------------------------ SpeCa
+
+
+def speca_threshold(k: int, num_steps: int, base_threshold: float = 0.1, decay_rate: float = 0.01) -> float:
+    """``cache_functions/cal_type.py`` 16–20: progress = (T − s)/T = (k + 1)/T, threshold =
+    max(base · decay**progress, 0.01), Python floats, computed at the step that decides."""
+    progress = (num_steps - (num_steps - 1 - k)) / num_steps
+    return max(base_threshold * (decay_rate ** progress), 0.01)
+
+
+def speca_decisions(num_steps: int, errors, base_threshold: float = 0.1, decay_rate: float = 0.01,
+                    min_taylor_steps: int = 2, max_taylor_steps: int = 5, first_enhance: int = 3):
+    """Per sampling step k: "full" or "Taylor", and whether block 27 is verified in full.
+
+    ``cache_functions/cal_type.py`` 1–57 (once per forward, ``models.py`` 391), state from
+    ``cache_init.py`` 20–34 (``first_enhance = 3``, counter 0, ``last_layer_error = 0.0``,
+    ``last_type = 'None'``):
+
+    * after a full step the next is always Taylor: counter = 1, check = False, error = None (8–12);
+    * otherwise check = (counter ≥ min) (22–25); then, in this priority: s > T − first_enhance − 1
+      → full; counter ≥ max → full; (error is not None and error > threshold(k)) and check → full;
+      else Taylor, counter + 1 (29–48);
+    * a Taylor step with check True computes block 27 in full on the forecast stream's block-27
+      input and stores ``error(forecast output, full output)`` as the error (``models.py``
+      222–251); the verified output is discarded (256).
+
+    ``errors``: a callable k → the error measured at verification step k (or a dict / sequence).
+    Returns ``(types, verified, thresholds)``: thresholds[k] is the value step k compared with.
+    """
+    if not callable(errors):
+        table = errors
+        errors = lambda k: table[k]  # noqa: E731
+    types, verified, thresholds = [], [], []
+    last, counter, check, error = "None", 0, False, 0.0
+    for k in range(num_steps):
+        s = num_steps - 1 - k
+        threshold = speca_threshold(k, num_steps, base_threshold, decay_rate)
+        thresholds.append(threshold)
+        if last == "full":
+            kind, counter, check, error = "Taylor", 1, False, None
+        else:
+            check = counter >= min_taylor_steps
+            too_large = error is not None and error > threshold
+            if s > num_steps - first_enhance - 1 or counter >= max_taylor_steps or (too_large and check):
+                kind, counter = "full", 0
+            else:
+                kind, counter = "Taylor", counter + 1
+        last = kind
+        verify = kind == "Taylor" and check
+        if verify:
+            error = errors(k)
+        types.append(kind)
+        verified.append(verify)
+    return types, verified, thresholds
+
+
+def speca_taylor(types, num_steps: int, max_order: int = 4, features=None):
+    """SpeCa's Taylor factors per (block, module): ``activated_steps = [T − 1]`` (``cache_init.py``
+    33), s appended on full steps (``cal_type.py`` 52–54), ``first_enhance = 3`` in the derivative
+    condition; a Taylor step forecasts with distance s − activated[−1] (``models.py`` 214–220,
+    264–271). ``features``: k → the module output on full step k (a scalar stand-in if omitted).
+
+    Returns ``(held, forecasts)``: held[k] factors after a full step k; forecasts[k] on Taylor steps.
+    """
+    if features is None:
+        def features(k):
+            return torch.zeros(1)
+    activated, factors, held, forecasts = [num_steps - 1], [], {}, {}
+    for k, kind in enumerate(types):
+        s = num_steps - 1 - k
+        if kind == "full":
+            activated.append(s)
+            old = [] if s == num_steps - 1 else factors
+            factors = _taylor_refresh(old, features(k), activated[-1] - activated[-2], s, num_steps, max_order, 3)
+            held[k] = len(factors)
+        else:
+            forecasts[k] = _taylor_terms(factors, s - activated[-1])
+    return held, forecasts
+
+
+def speca_error(x: torch.Tensor, full_x: torch.Tensor, metric: str = "relative_l1") -> float:
+    """``models.py`` 30–81 and 236–249: the verification error over the whole batch, a Python float.
+
+    l1 = mean|x − f|; l2 = sqrt(mean((x − f)²)); relative_l1 = mean(|x − f| / (|f| + 1e-10));
+    relative_l2 = sqrt(mean((|x − f| / (|f| + 1e-10))²)); cosine_similarity = 1 − mean over rows of
+    cos(x.view(B, −1), f.view(B, −1)) (eps 1e-8; the 1e-10 argument is unused); ``all`` computes
+    every one and returns relative_l1. ``.view`` is kept: on the official residual stream, which
+    keeps PatchEmbed's transposed (B, N, D) strides, it raises — so ``cosine_similarity`` and
+    ``all`` crash there.
+    """
+    def cosine():
+        a, b = x.view(x.size(0), -1), full_x.view(full_x.size(0), -1)
+        return (1 - F.cosine_similarity(a, b, dim=1).mean()).item()
+
+    relative = (x - full_x).abs() / (full_x.abs() + 1e-10)
+    measures = {
+        "l1": lambda: (x - full_x).abs().mean().item(),
+        "l2": lambda: torch.sqrt(torch.mean((x - full_x) ** 2)).item(),
+        "relative_l1": lambda: relative.mean().item(),
+        "relative_l2": lambda: torch.sqrt(torch.mean(relative ** 2)).item(),
+        "cosine_similarity": cosine,
+    }
+    if metric == "all":
+        values = {name: fn() for name, fn in measures.items()}
+        return values["relative_l1"]
+    return measures[metric]()
+
+
+# --------------------------------------------------------------------------------------- MagCache
+
+
+def magcache_nearest_interp(ratios, target_length: int) -> np.ndarray:
+    """``nearest_interp`` (``magcache_flux.py`` 12–19; diffusers ``mag_cache.py`` 69–80): index
+    round(i · (n − 1)/(m − 1)) — round half to even (numpy and torch alike); m = 1 → the last."""
+    ratios = np.asarray(ratios)
+    if target_length == 1:
+        return ratios[-1:]
+    scale = (len(ratios) - 1) / (target_length - 1)
+    return ratios[np.round(np.arange(target_length) * scale).astype(int)]
+
+
+def magcache_fit(residuals, flavor: str = "official") -> list[float]:
+    """The magnitude-ratio curve from one full trajectory's residuals r_k = (output of the last
+    block) − (input of the first block), (B, N, D) per step.
+
+    * ``official`` (``magcache_flux.py`` 113, 196–207, 459): for k ≥ 1,
+      round(mean over (B, N) of ‖r_k‖/‖r_{k−1}‖ (L2 over D), 5); the curve is [1.0] + those;
+    * ``diffusers`` (``mag_cache.py`` 363–377): 1.0 at k = 0, then mean(‖r_k‖/(‖r_{k−1}‖ + 1e-8))
+      in float32, not rounded.
+    """
+    curve = [1.0]
+    for prev, cur in zip(residuals[:-1], residuals[1:]):
+        if flavor == "official":
+            curve.append(round((cur.norm(dim=-1) / prev.norm(dim=-1)).mean().item(), 5))
+        elif flavor == "diffusers":
+            now, before = torch.linalg.norm(cur.float(), dim=-1), torch.linalg.norm(prev.float(), dim=-1)
+            curve.append((now / (before + 1e-8)).mean().item())
+        else:
+            raise ValueError(flavor)
+    return curve
+
+
+def magcache_decisions(mag_ratios, num_steps: int, threshold: float, retention_ratio: float, max_skip_steps: int,
+                       flavor: str = "official", flux_forced_step: bool = False):
+    """Per step k: True = compute the blocks, False = skip (input + the stored residual).
+
+    * ``official`` (FLUX, ``magcache_flux.py`` 326–338, 427–436): from k ≥ int(r·T + 0.5):
+      ratio ← ratio·mag[k], steps + 1, err += |1 − ratio| (numpy float64); skip iff err ≤ δ and
+      steps ≤ K (and, with ``flux_forced_step``, round(k·27/(T − 1)) ≠ 11 — FLUX's hard-coded
+      forced step); otherwise compute and reset ratio = 1, steps = 0, err = 0. A skip keeps the old
+      residual; a computed step stores its own.
+    * ``wan`` (``MagCache4Wan2.1/magcache_generate.py`` 279–292): start int(T·r) (no + 0.5) and
+      err < δ (strict); per CFG branch (the caller runs it once per branch curve).
+    * ``diffusers`` (``mag_cache.py`` 202–224): start int(r·T + 0.5); the ratios a float32 tensor
+      (so the accumulators are float32); skip also needs a stored residual; k ≥ len(ratios) → 1.0.
+
+    Returns ``(compute, errors)``: errors[k] the accumulated error tested at k (None before start).
+    """
+    if flavor == "diffusers":
+        ratios = torch.as_tensor(mag_ratios, dtype=torch.float32) if not torch.is_tensor(mag_ratios) else mag_ratios
+        start = int(retention_ratio * num_steps + 0.5)
+    else:
+        ratios = np.asarray(mag_ratios, dtype=np.float64)
+        start = int(retention_ratio * num_steps + 0.5) if flavor == "official" else int(num_steps * retention_ratio)
+    acc_ratio, acc_steps, acc_err, stored = 1.0, 0, 0.0, False
+    compute, errors = [], []
+    for k in range(num_steps):
+        skip = False
+        if k >= start:
+            scale = 1.0 if (flavor == "diffusers" and k >= len(ratios)) else ratios[k]
+            acc_ratio = acc_ratio * scale
+            acc_steps += 1
+            acc_err = acc_err + abs(1.0 - acc_ratio)
+            errors.append(float(acc_err))
+            if flavor == "wan":
+                skip = acc_err < threshold and acc_steps <= max_skip_steps
+            else:
+                skip = bool(acc_err <= threshold) and acc_steps <= max_skip_steps
+                if flavor == "diffusers":
+                    skip = skip and stored
+                if flux_forced_step:
+                    skip = skip and int(np.round(k * ((28 - 1) / (num_steps - 1)))) != 11
+            if not skip:
+                acc_ratio, acc_steps, acc_err = 1.0, 0, 0.0
+        else:
+            errors.append(None)
+        compute.append(not skip)
+        stored = stored or not skip
+    return compute, errors
+
+
+# ---------------------------------------------------------------------------------- DuCa kv-norm
+
+
+def duca_kv_norm_score(v: torch.Tensor) -> torch.Tensor:
+    """DuCa's ``cache_type='kv-norm'`` s1 (``cache_functions/attention.py`` 44–47, ``scores.py``
+    25–32): v (B, H, N, d) — the value heads of the block's last *full* attention, before q/k
+    norms — v_norm = ‖v‖₂ over d (B, H, N); score = L2-normalise over N of Σ_heads (1 − v_norm).
+    Tokens whose value vectors are *small* score highest."""
+    v_norm = torch.norm(v, dim=-1, p=2)
+    return F.normalize((1 - v_norm).sum(dim=-2), p=2)
+
+
+def duca_kv_norm_choose(score: torch.Tensor, counter: torch.Tensor, fresh_threshold: int, topk: int,
+                        soft_fresh_weight: float = 0.25):
+    """``score_evaluate.py`` 36–37, 64–70 and ``cache_cutfresh.py`` 20–33 with the kv-norm s1:
+    score + λ·counter/N, then the 2×2 bonus (+0.8 × the cell maximum's own score — with negative
+    scores this *lowers* the cell's best), descending argsort, the first ``topk``; counters + 1,
+    the chosen 0. Returns ``(fresh, counter)``."""
+    total = score + soft_fresh_weight * (counter.float() / fresh_threshold)
+    total = _local_selection_with_bonus(total, 0.8, 2)
+    fresh = total.argsort(dim=-1, descending=True)[:, :topk]
+    counter = counter + 1
+    counter.scatter_(1, fresh, torch.zeros_like(fresh, dtype=counter.dtype))
+    return fresh, counter
+
+
+# -------------------------------------------------------------------------------------------- Δ-DiT
+
+
+def delta_dit_plan(num_steps: int, depth: int, boundary: int, front_blocks: int, rear_blocks: int,
+                   interval: int = 2):
+    """Δ-DiT (arXiv 2406.01125; no official code — every detail here is this project's reading).
+
+    The paper's rule: on cached steps the Δ-Cache replaces a span of consecutive blocks by its input
+    plus the deviation Δ = (span output − span input) stored at the last full step; the *rear*
+    blocks are cached in the early sampling stage and the *front* blocks after the boundary b.
+    Ours: a full step every ``interval`` steps from k = 0 (k % interval == 0); a cached step k < b
+    caches blocks [L − rear_blocks, L − 1], k ≥ b caches [0, front_blocks − 1]; a full step stores
+    Δ for both spans. Returns per k ``None`` (full) or ``(start, end)`` of the cached span.
+    """
+    plan = []
+    for k in range(num_steps):
+        if k % interval == 0:
+            plan.append(None)
+        elif k < boundary:
+            plan.append((depth - rear_blocks, depth - 1))
+        else:
+            plan.append((0, front_blocks - 1))
+    return plan
