@@ -68,13 +68,20 @@ mkdir -p "$S" && S=$(cd "$S" && pwd)
 pid_of() {  # pid_of FILE NAME: the pid in FILE if that process is alive and is NAME
   local pid
   pid=$(cat "$1" 2>/dev/null) || return 1
-  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && echo "$pid"
+  [ -n "$pid" ] && alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && echo "$pid"
+}
+
+alive() {  # alive PID: running (a zombie, which waits for its parent to reap it, is not)
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
 }
 
 stop_pid() {  # stop_pid PID: SIGTERM, up to 20 s, then SIGKILL
   local pid=$1 i
   kill "$pid" 2>/dev/null || return 0
-  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  for i in $(seq 100); do alive "$pid" || return 0; sleep 0.2; done
   echo "slurm_local.sh: pid $pid did not stop in 20 s; killing it" >&2
   kill -9 "$pid" 2>/dev/null || true
 }
@@ -92,7 +99,7 @@ stepds() { local p; for p in /proc/[0-9]*; do [ "$(readlink "$p/exe" 2>/dev/null
 stop_daemons  # left by an earlier run that was killed with SIGKILL
 rm -rf "$S/state" "$S/spool" "$S/log" "$S/munge" "$S/key" "$S/slurm_logs" "$S/jobcomp.txt" "$S/slurm.conf"
 mkdir -p "$S/state" "$S/spool" "$S/log" "$S/slurm_logs"
-mkdir -m 755 "$S/munge"  # munged checks that everyone can reach its socket
+mkdir -m 755 "$S/munge"
 mkdir -m 700 "$S/key"
 head -c 1024 /dev/urandom > "$S/key/munge.key" && chmod 400 "$S/key/munge.key"
 
@@ -186,7 +193,9 @@ trap 'exit 143' TERM
 mkdir -p /etc/slurm && ln -sfn "$S/slurm.conf" "$ETC_CONF"
 
 tail_logs() { tail -n 5 "$S"/log/*.log >&2 2>/dev/null || true; }
-munged --key-file="$S/key/munge.key" --socket="$S/munge/munge.socket" --pid-file="$S/munge/munged.pid" \
+# --force: munged wants a socket that every user can reach; here only root uses it (jobs run as root),
+# and the scratch folder may be private (pytest's are)
+munged --force --key-file="$S/key/munge.key" --socket="$S/munge/munge.socket" --pid-file="$S/munge/munged.pid" \
   --log-file="$S/log/munged.log" --seed-file="$S/key/munged.seed" || { tail_logs; die "munged did not start (log above)"; }
 slurmctld || { tail_logs; die "slurmctld did not start (log above)"; }
 slurmd || { tail_logs; die "slurmd did not start (log above)"; }
@@ -207,7 +216,7 @@ if [ "${1:-}" = "--" ]; then
 fi
 [ $# -eq 0 ] || die "unknown argument $1: run with no argument, or -- COMMAND"
 
-CONFIG=${SLURM_LOCAL_CONFIG:-$( [ -f config/rehearsal.yaml ] && echo config/rehearsal.yaml || echo config/smoke.yaml )}
+CONFIG=${SLURM_LOCAL_CONFIG:-config/smoke.yaml}
 NAME=${SLURM_LOCAL_NAME:-slurm-$(basename "$CONFIG" .yaml)}
 # the subset of CONFIG, as a config file in the scratch folder (`--config` merges nested keys, so
 # it cannot drop backbones or methods)
