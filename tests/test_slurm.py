@@ -123,3 +123,19 @@ def test_slurm_profile_on_a_one_node_cluster(tmp_path):
         assert daemon_pids() <= before, "a SLURM or MUNGE daemon was left running after the second start"
     finally:
         shutil.rmtree(results, ignore_errors=True)
+
+
+def test_slurm_profile_agrees_with_the_workflow_profile():
+    """Snakemake applies profiles/default on top of --profile and lets it win key by key: a key both
+    set differently would silently not be the SLURM profile's."""
+    default = yaml.safe_load((ROOT / "workflow" / "profiles" / "default" / "config.yaml").read_text())
+    differ = {k: (PROFILE[k], default[k]) for k in PROFILE.keys() & default.keys() if PROFILE[k] != default[k]}
+    assert not differ, f"profiles/default overrides the SLURM profile's {differ}"
+
+
+def test_slurm_profile_leaves_the_gpu_request_to_the_rules():
+    """The rules ask for GPUs (gpu=1, sampling gpus_per_job) only with device: cuda; a GPU resource
+    in the profile would override theirs (GPUs for a CPU run, one GPU for a torchrun of eight)."""
+    for rule, resources in PROFILE.get("set-resources", {}).items():
+        assert not {"gpu", "gpus", "gres"} & set(resources), f"set-resources: {rule} sets a GPU resource"
+    assert not {"gpu", "gpus", "gres"} & set(PROFILE["default-resources"])
