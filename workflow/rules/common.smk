@@ -78,6 +78,7 @@ def load_config_plugins():
     folders = plugin_folders()
     if not folders:
         return
+    config["plugins"] = folders  # absolute: the report's inner run reads this config from elsewhere
     inherited = [p for p in os.environ.get(PLUGIN_PATH_VARIABLE, "").split(os.pathsep) if p]
     os.environ[PLUGIN_PATH_VARIABLE] = os.pathsep.join(dict.fromkeys(folders + inherited))
     for folder in folders:
