@@ -207,6 +207,32 @@ def test_rerun_elsewhere_rewrites_only_volatile_files(smoke_run, tmp_path):
     assert report["samples"]["runs"] == len(expected_runs()) and report["samples"]["images_differing"] == 0
 
 
+def test_a_banner_titles_every_table_and_figure(smoke_run, tmp_path):
+    """A rehearsal's banner ("stand-in weights … not results") heads every table it writes (CSV: a
+    first note column; Markdown: a first bold line; LaTeX: the caption) and every figure."""
+    import matplotlib.pyplot as plt
+
+    _, results = smoke_run
+    tables, plots = script("tables"), script("plots")
+    banner = "REHEARSAL on stand-in weights: not results"
+    runs = sorted(str(p) for p in (results / "runs").glob("*/*/*/run.json"))
+    out = {k: str(tmp_path / f"{k}.out") for k in ("csv", "md", "tex", "ablation_csv", "ablation_md", "latency_csv",
+                                                    "latency_md")}
+    tables.main([r.replace("run.json", "metrics.json") for r in runs], runs, str(ROOT / "config" / "reported.yaml"),
+                ["abl-random"], out, banner=banner)
+    for key in ("csv", "ablation_csv", "latency_csv"):
+        table = pd.read_csv(out[key])
+        assert table.columns[0] == "note" and (table.note == banner).all(), key
+    for key in ("md", "ablation_md", "latency_md"):
+        assert Path(out[key]).read_text().startswith(f"**{banner}**\n\n"), key
+    assert f"\\caption{{{banner}}}" in Path(out["tex"]).read_text()
+    fig = plt.figure()
+    fig.suptitle("Speed-up vs FID")
+    plots.with_banner(fig, banner)
+    assert fig._suptitle.get_text() == f"{banner}\nSpeed-up vs FID"
+    plt.close(fig)
+
+
 def test_reported_fid_needs_backbone_sampler_and_guidance():
     tables = script("tables")
     entries = tables.load_reported(ROOT / "config" / "reported.yaml")

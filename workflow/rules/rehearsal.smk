@@ -44,6 +44,10 @@ def check_rehearsal():
 
 check_rehearsal()
 
+#: the title line of every table, plot and report of a rehearsal: its numbers come from random stand-ins
+STAND_IN_BANNER = ("REHEARSAL on stand-in weights (random, made from a seed): these numbers are not results"
+                   if REHEARSAL is not None else "")
+
 if REHEARSAL is not None:
     # the jobs find the stand-in VAE in the rehearsal's own Hugging Face cache, never in the user's
     os.environ["HF_HUB_CACHE"] = os.path.abspath(f"{RESULTS}/hf-cache")

@@ -22,6 +22,7 @@ rule tables:
         latency_md=f"{RESULTS}/tables/latency.md",
     params:
         ablation_labels=ablation_labels(),
+        banner=STAND_IN_BANNER,
     log:
         f"{RESULTS}/logs/tables.log",
     script:
@@ -47,6 +48,8 @@ rule plots:
     output:
         **{name: report(path, category="Plots", caption=f"../report/{PLOT_CAPTIONS[name]}")
            for name, path in plot_outputs().items()},
+    params:
+        banner=STAND_IN_BANNER,
     log:
         f"{RESULTS}/logs/plots.log",
     script:
@@ -60,6 +63,7 @@ rule sample_grid:
         png=report(f"{RESULTS}/plots/samples_grid.png", category="Samples", caption="../report/samples_grid.rst"),
     params:
         n=config.get("grid_samples", 20),
+        banner=STAND_IN_BANNER,
     log:
         f"{RESULTS}/logs/sample_grid.log",
     script:

@@ -46,10 +46,22 @@ LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">"]
 
 
+#: a first title line on every figure (a rehearsal's "stand-in weights" line; main() sets it)
+BANNER = ""
+
+
+def with_banner(fig, banner: str) -> None:
+    """Put ``banner`` above the figure's title, in red, so that no reader takes it for a result."""
+    if banner:
+        title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        fig.suptitle(f"{banner}\n{title}".rstrip(), color="firebrick", fontsize=13)
+
+
 def save_atomic(fig, path) -> None:
     """Save a figure as PNG atomically (:func:`tokencache.io.write_atomic`), then close it."""
     from tokencache.io import write_atomic
 
+    with_banner(fig, BANNER)
     try:
         write_atomic(path, format=lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
     finally:
@@ -323,10 +335,13 @@ def with_latency(table: pd.DataFrame, latency_csv) -> pd.DataFrame:
     return merged
 
 
-def main(table_csv, run_paths, calibrations, out: dict, latency_csv=None) -> dict:
+def main(table_csv, run_paths, calibrations, out: dict, latency_csv=None, banner: str = "") -> dict:
     """Every figure named in ``out`` (name → path); returns each speed/quality figure's points.
 
-    ``pareto_latency`` needs ``latency_csv`` (the measured speed-ups, kept out of the main table)."""
+    ``pareto_latency`` needs ``latency_csv`` (the measured speed-ups, kept out of the main table);
+    ``banner`` becomes every figure's first title line."""
+    global BANNER
+    BANNER = banner
     sns.set_theme(context="notebook", style="whitegrid", font_scale=1.0)
     table, runs = load_points(table_csv, run_paths)
     if "pareto_latency" in out:
@@ -359,4 +374,4 @@ def main(table_csv, run_paths, calibrations, out: dict, latency_csv=None) -> dic
 if __name__ == "__main__" and "snakemake" in globals():
     sm = snakemake  # noqa: F821
     main(sm.input.table, sm.input.runs, sm.input.calibrations, {name: path for name, path in sm.output.items()},
-         latency_csv=sm.input.latency)
+         latency_csv=sm.input.latency, banner=sm.params.get("banner", ""))

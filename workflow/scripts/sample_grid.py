@@ -18,7 +18,8 @@ def first_samples(path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         return np.array(data["arr_0"][:n]), np.array(data["arr_1"][:n])
 
 
-def main(paths, png, n):
+def main(paths, png, n, banner: str = ""):
+    """A grid of each run's first ``n`` images, one row per run; ``banner`` is a first title line."""
     rows = []
     for path in paths:
         parts = Path(path).parts
@@ -31,7 +32,11 @@ def main(paths, png, n):
         ax.set_xticklabels([str(int(v)) for v in labels], fontsize=7)
         ax.set_yticks([])
         ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("samples (label under each; same noise and label in every row)", fontsize=9)
+    title = "samples (label under each; same noise and label in every row)"
+    if banner:
+        fig.suptitle(f"{banner}\n{title}", fontsize=9, color="firebrick")
+    else:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     from tokencache.io import write_atomic
 
@@ -40,4 +45,4 @@ def main(paths, png, n):
 
 
 if __name__ == "__main__" and "snakemake" in globals():
-    main(snakemake.input.npz, snakemake.output.png, int(snakemake.params.n))  # noqa: F821
+    main(snakemake.input.npz, snakemake.output.png, int(snakemake.params.n), snakemake.params.get("banner", ""))  # noqa: F821

@@ -327,29 +327,40 @@ NO_ABLATION = ("No ablation runs were configured: list the labels of one method'
 # ---------------------------------------------------------------------------------- output
 
 
-def main(metrics, runs, reported_path, ablation_labels, out) -> None:
+def titled(banner: str, table: pd.DataFrame = None, markdown: str = None):
+    """A table or its Markdown under ``banner`` (a rehearsal's "stand-in weights" line): a first
+    ``note`` column of the CSV, a bold first line of the Markdown. Unchanged without a banner."""
+    if not banner:
+        return table if markdown is None else markdown
+    if markdown is not None:
+        return f"**{banner}**\n\n{markdown}"
+    return table.assign(note=banner)[["note", *table.columns]]
+
+
+def main(metrics, runs, reported_path, ablation_labels, out, banner: str = "") -> None:
     """Write main.{csv,md,tex}, ablation.{csv,md} and, when ``out`` names them, latency.{csv,md}
-    (``out``: output name → path)."""
+    (``out``: output name → path), each titled by ``banner`` when one is given."""
     table = main_table(list(metrics), list(runs), load_reported(reported_path))
-    write_atomic(out["csv"], table.to_csv(index=False))
-    write_atomic(out["md"], markdown_table(table))
-    write_atomic(out["tex"], table.to_latex(index=False, float_format="%.4g", escape=True, na_rep="--"))
+    write_atomic(out["csv"], titled(banner, table).to_csv(index=False))
+    write_atomic(out["md"], titled(banner, markdown=markdown_table(table)))
+    write_atomic(out["tex"], table.to_latex(index=False, float_format="%.4g", escape=True, na_rep="--",
+                                            caption=banner or None))
     if "latency_csv" in out:
         latency = latency_table(table, list(runs))
-        write_atomic(out["latency_csv"], latency.to_csv(index=False))
-        write_atomic(out["latency_md"], latency_markdown(latency))
+        write_atomic(out["latency_csv"], titled(banner, latency).to_csv(index=False))
+        write_atomic(out["latency_md"], titled(banner, markdown=latency_markdown(latency)))
 
     if ablation_labels:
         ablation = ablation_table(table, list(runs), list(ablation_labels))
-        write_atomic(out["ablation_csv"], ablation.to_csv(index=False))
-        write_atomic(out["ablation_md"], ablation.to_markdown(index=False, floatfmt=".4g") + "\n")
+        write_atomic(out["ablation_csv"], titled(banner, ablation).to_csv(index=False))
+        write_atomic(out["ablation_md"], titled(banner, markdown=ablation.to_markdown(index=False, floatfmt=".4g") + "\n"))
     else:
-        write_atomic(out["ablation_csv"], pd.DataFrame({"note": [NO_ABLATION]}).to_csv(index=False))
-        write_atomic(out["ablation_md"], NO_ABLATION + "\n")
+        write_atomic(out["ablation_csv"], pd.DataFrame({"note": [banner or NO_ABLATION]}).to_csv(index=False))
+        write_atomic(out["ablation_md"], titled(banner, markdown=NO_ABLATION + "\n"))
 
 
 if __name__ == "__main__" and "snakemake" in globals():
     sm = snakemake  # noqa: F821
     main(sm.input.metrics, sm.input.runs, sm.input.reported, sm.params.ablation_labels,
          {name: getattr(sm.output, name) for name in ("csv", "md", "tex", "ablation_csv", "ablation_md", "latency_csv",
-                                                      "latency_md")})
+                                                      "latency_md")}, banner=sm.params.get("banner", ""))
