@@ -24,11 +24,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import tokencache  # noqa: E402,F401  (makes torchvision importable beside CPU torch)
 from tokencache._allocator import keep_freed_memory  # noqa: E402
+from tokencache.errors import UserError  # noqa: E402
 
 #: Errors that mean "the user asked for something wrong or missing": printed as one line.
 #: Set TOKENCACHE_DEBUG=1 to see the traceback instead. OSError (permissions, full disk, …)
-#: is printed as one line too, naming the file.
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+#: is printed as one line too, naming the file. Not RuntimeError: from the engine, a method or
+#: torch it is a bug, and its traceback is printed (a RuntimeError that is the user's to fix
+#: is a UserError: a missing CUDA device, a plugin, a download, tokencache/errors.py).
+USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 #: subcommands that compute with torch: they take --threads
 COMPUTE_COMMANDS = {"train-backbone", "sample", "calibrate", "train-evaluator",
@@ -601,11 +604,11 @@ def main(argv=None) -> int:
         stderr.new_line()
         print("tokencache: interrupted", file=sys.stderr)
         return 130
-    except (USER_ERRORS + (OSError, MemoryError)) as exc:
-        if os.environ.get("TOKENCACHE_DEBUG"):
-            raise
+    except Exception as exc:
         _close_progress_bars()
-        stderr.new_line()
+        stderr.new_line()  # a traceback, like the one line, starts on a line of its own
+        if not is_users_error(exc) or os.environ.get("TOKENCACHE_DEBUG"):
+            raise
         print(f"tokencache: error: {error_line(exc)}", file=sys.stderr)
         return 2
     finally:
@@ -677,9 +680,24 @@ def limit_blas_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Host or device memory ran out (torch's ``OutOfMemoryError`` is a RuntimeError, not a MemoryError)."""
+    torch = sys.modules.get("torch")  # an error from torch means torch is loaded; never import it here
+    return isinstance(exc, MemoryError) or isinstance(exc, getattr(torch, "OutOfMemoryError", ()))
+
+
+def is_users_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the user's to fix (one line, exit 2) rather than a bug (its traceback).
+
+    The user's: :data:`USER_ERRORS`, OS errors (permissions, a full disk) and running out of
+    memory (a smaller --batch-size helps). Everything else, RuntimeError included, is a bug.
+    """
+    return isinstance(exc, USER_ERRORS + (OSError,)) or _out_of_memory(exc)
+
+
 def error_line(exc: BaseException) -> str:
     """One line for an error: the message's first line; OS errors name the file and the fix."""
-    if isinstance(exc, MemoryError):
+    if _out_of_memory(exc):
         return "out of memory: lower --batch-size (or free memory)"
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.errno is not None:
         where = f" ({exc.filename})" if exc.filename else ""

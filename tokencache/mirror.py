@@ -37,6 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
+from tokencache.errors import UserError
 from tokencache.io import sha256_file, write_atomic
 
 #: environment variable holding the mirror's base URL (the workflow sets it; `tokencache download` reads it)
@@ -52,7 +53,7 @@ TIMEOUT_S = 60.0
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download that failed; the message is one line naming the URL. ``transient``: another try may succeed."""
 
     def __init__(self, message: str, transient: bool = False) -> None:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from tokencache.checks import check_output_file, sample_file_bytes
 from tokencache.data.npz import save_samples_npz
+from tokencache.errors import DeviceUnavailable
 from tokencache.io import write_atomic
 from tokencache.models.checkpoints import (
     OFFICIAL_WEIGHTS,
@@ -58,7 +59,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        raise DeviceUnavailable("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
 
 

@@ -29,11 +29,12 @@ from typing import ClassVar, Iterator, Optional, Union
 import torch
 
 from tokencache.cache.methods import validate_params
+from tokencache.errors import UserError
 from tokencache.io import write_atomic
 from tokencache.sampling import Sampler, draw_labels, generate, parse_sampler, sample_generators
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """A calibration file that is missing, malformed, or made for another model, sampler or method."""
 
 

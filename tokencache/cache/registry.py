@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from tokencache.cache.methods import ROLES, CacheMethod, check_declared, describe_params, parse_typed
+from tokencache.errors import UserError
 
 #: name → method class
 _REGISTRY: dict[str, type] = {}
@@ -40,7 +41,7 @@ ENTRY_POINT_GROUP = "tokencache.methods"
 PLUGIN_PATH_VARIABLE = "TOKENCACHE_PLUGINS"
 
 
-class PluginError(RuntimeError):
+class PluginError(UserError, RuntimeError):
     """A plugin could not be loaded; the message names the file and the reason (one line)."""
 
 
@@ -218,8 +219,11 @@ def methods_with_role(role: str) -> list[str]:
 def reference_method() -> str:
     """The method every other one is compared with (the uncached model)."""
     found = methods_with_role("reference")
-    if len(found) != 1:
-        raise RuntimeError(f"exactly one method must have role 'reference', found {found}")
+    if len(found) > 1:  # the built-ins have one: a plugin declared another
+        raise PluginError(f"exactly one method may have role 'reference', found {', '.join(found)}: "
+                          f"give the plugin's method another role")
+    if not found:
+        raise RuntimeError("no method has role 'reference' (the built-in 'full' was not registered)")
     return found[0]
 
 

@@ -33,13 +33,15 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from tokencache.errors import UserError
+
 INCEPTION_WEIGHTS_ENV = "TOKENCACHE_INCEPTION_WEIGHTS"
 DIGITS_WEIGHTS_ENV = "TOKENCACHE_DIGITS_EVALUATOR"
 INCEPTION_SPATIAL_MODULE = "Mixed_6d.branch1x1"
 INCEPTION_SPATIAL_CHANNELS = 7
 
 
-class InceptionWeightsUnavailable(RuntimeError):
+class InceptionWeightsUnavailable(UserError, RuntimeError):
     """The Inception-v3 weights could not be downloaded and no local file was given."""
 
 

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from tokencache.cache import attach, get_method, method_class, write_random_calibration
+from tokencache.errors import DeviceUnavailable
 from tokencache.metrics.flops import cfg_rows_per_image, sampling_macs
 from tokencache.models.compiled import COMPILE_MODES, compiled_branches, graphs_compiled, uses_cuda_graphs
 from tokencache.models.layers import Attention
@@ -354,7 +355,7 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
     parse_sampler(sampler)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda was asked for but torch sees no CUDA device")
+        raise DeviceUnavailable("device cuda was asked for but torch sees no CUDA device")
     graphs = uses_cuda_graphs(compile_mode, dev)
     if compile_mode != "none" and warmup < (2 if graphs else 1):
         raise ValueError(f"compile mode {compile_mode} needs warmup ≥ {2 if graphs else 1} (compiling"

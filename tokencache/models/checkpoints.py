@@ -15,10 +15,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tokencache.errors import UserError
 from tokencache.io import sha256_file, write_atomic
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the model, or cannot be read."""
 
 

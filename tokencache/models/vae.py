@@ -13,8 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tokencache.errors import UserError
+
 LATENT_SCALE = 0.18215
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+class VAEUnavailable(UserError, RuntimeError):
+    """The VAE is neither in a local folder nor in the Hugging Face cache, and the hub cannot be reached."""
 
 
 def load_vae(variant_or_path: str = "ema", device: str | torch.device = "cpu"):
@@ -28,7 +34,7 @@ def load_vae(variant_or_path: str = "ema", device: str | torch.device = "cpu"):
     try:
         vae = AutoencoderKL.from_pretrained(source)
     except Exception as exc:  # hub errors come in many types
-        raise RuntimeError(
+        raise VAEUnavailable(
             f"cannot load the VAE {source!r} ({type(exc).__name__}); download it with "
             f"`huggingface-cli download {VAE_REPOS['ema']} --local-dir vae-ema` and pass --vae vae-ema"
         ) from exc
@@ -74,6 +80,8 @@ def download_vae(variant: str = "ema", endpoint: str | None = None, timeout: flo
     import subprocess
     import sys
 
+    from tokencache.mirror import DownloadError, read_manifest
+
     repo = VAE_REPOS.get(variant, variant)
     env = dict(os.environ)
     if endpoint:
@@ -83,21 +91,19 @@ def download_vae(variant: str = "ema", endpoint: str | None = None, timeout: flo
         done = subprocess.run([sys.executable, "-c", code, variant], env=env, capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"fetching the VAE {repo!r} from {endpoint or 'the hub'} took over {timeout:.0f} s") from None
+        raise DownloadError(f"fetching the VAE {repo!r} from {endpoint or 'the hub'} took over {timeout:.0f} s") from None
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"cannot fetch the VAE {repo!r} from {endpoint or 'the hub'}: {tail}")
+        raise DownloadError(f"cannot fetch the VAE {repo!r} from {endpoint or 'the hub'}: {tail}")
     digests = json.loads(lines[-1])
     if endpoint:
-        from tokencache.mirror import read_manifest
-
         listed = read_manifest(endpoint)["files"]
         for name, digest in digests.items():
             expected = (listed.get(f"{repo}/{name}") or {}).get("sha256")
             if expected != digest:
-                raise RuntimeError(f"{endpoint}/{repo}/resolve/main/{name}: sha256 {digest} does not match the "
-                                   f"mirror's manifest ({expected or 'not listed'}); the VAE was not accepted")
+                raise DownloadError(f"{endpoint}/{repo}/resolve/main/{name}: sha256 {digest} does not match the "
+                                    f"mirror's manifest ({expected or 'not listed'}); the VAE was not accepted")
     return digests
 
 
