@@ -39,6 +39,7 @@ from tokencache.cache.actions import Blend, Compute, Forecast, Reuse, Span, Subs
 from tokencache.cache.methods import CacheMethod, ModelInfo
 from tokencache.cache.records import BRANCHES, Record
 from tokencache.cache.registry import get_method
+from tokencache.models.shape import model_shape
 from tokencache.sampling import Sampler, parse_sampler
 
 _BRANCH_INDEX = {name: i for i, name in enumerate(BRANCHES)}
@@ -465,8 +466,6 @@ class CacheEngine:
         holding a calibration file, or None), and with ``counts`` the per-row arrays ``counts``
         (steps × blocks × [attn, mlp]) and ``blocks_run`` (steps × blocks).
         """
-        from tokencache.metrics.flops import model_shape
-
         record = self.record.summary(counts)
         full_cost = self.requested_sampler.steps * self.block_count * 2 * self.num_tokens
         prices = {**ENGINE_PRICES, **self.method.overhead_macs(model_shape(self.model))}

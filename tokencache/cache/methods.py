@@ -152,7 +152,7 @@ class CacheMethod:
     def overhead_macs(self, shape) -> dict:
         """MAC-equivalents of one unit of each overhead counter this method records, per batch row.
 
-        ``shape`` is the model's :class:`~tokencache.metrics.flops.ModelShape`. One
+        ``shape`` is the model's :class:`~tokencache.models.shape.ModelShape`. One
         MAC-equivalent is one elementary multiply-add, or an add that reads a tensor element.
         A counter without a price is reported as unpriced.
         """

@@ -38,13 +38,16 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
+
+# The sizes every formula reads. They describe the model, so they live in models/ (the cache engine,
+# below metrics, reads them too); execution_blocks and model_shape stay importable from here.
+from tokencache.models.shape import ModelShape, execution_blocks, model_shape  # noqa: F401
 
 #: fvcore's estimate for a LayerNorm without affine parameters: 4 per element.
 LAYER_NORM_MACS_PER_ELEMENT = 4
@@ -55,58 +58,6 @@ UNCOUNTED = ("elementwise ops (adds, modulate, gates, GELU, SiLU, softmax, sinus
 
 UNIT = ("MACs (multiply-accumulates; the DiT paper's 'Gflops'); fvcore convention: linear/conv/matmul "
         "weight MACs, attention 2·N·N·D per row, LayerNorm 4 per element, elementwise ops 0")
-
-
-# --------------------------------------------------------------------------- model shape
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes the cost formulas need, read from a DiT / MDT / MDTv2 module.
-
-    ``skip_blocks[i]`` tells whether block ``i`` (execution order, the engine's block index)
-    has MDTv2's ``skip_linear``.
-    """
-
-    family: str
-    tokens: int
-    hidden: int
-    heads: int
-    mlp_hidden: int
-    patch: int
-    in_channels: int
-    out_channels: int
-    frequency_dim: int
-    skip_blocks: tuple[bool, ...]
-
-    @property
-    def depth(self) -> int:
-        return len(self.skip_blocks)
-
-
-def execution_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks in the order the forward runs them (the cache engine's indices)."""
-    if hasattr(model, "_all_blocks"):  # MDT / MDTv2 (the side-interpolater runs only in training)
-        return list(model._all_blocks())
-    return list(model.blocks)
-
-
-def model_shape(model: nn.Module) -> ModelShape:
-    """Sizes of ``model`` (works on a model built on the ``meta`` device: only shapes are read)."""
-    blocks = execution_blocks(model)
-    first = blocks[0]
-    return ModelShape(
-        family=type(model).__name__,
-        tokens=int(model.x_embedder.num_patches),
-        hidden=int(first.attn.proj.in_features),
-        heads=int(first.attn.num_heads),
-        mlp_hidden=int(first.mlp.fc1.out_features),
-        patch=int(model.patch_size),
-        in_channels=int(model.in_channels),
-        out_channels=int(model.out_channels),
-        frequency_dim=int(model.t_embedder.frequency_embedding_size),
-        skip_blocks=tuple(b.skip_linear is not None for b in blocks),
-    )
 
 
 # --------------------------------------------------------------------------- analytic costs (per batch row)
