@@ -19,13 +19,7 @@ from conftest_metrics_helpers import (
     write_random_inception_weights,
 )
 from tokencache.data.digits import digits_to_uint8, load_digits_dataset
-from tokencache.data.npz import (
-    load_reference_batch,
-    load_samples_npz,
-    save_reference_batch,
-    save_samples_npz,
-    sha256_file,
-)
+from tokencache.data.npz import load_samples_npz, save_samples_npz, sha256_file
 from tokencache.metrics import fid as fid_module
 from tokencache.metrics import (
     evaluate_quality,
@@ -37,6 +31,7 @@ from tokencache.metrics import (
     psnr,
     ssim,
 )
+from tokencache.metrics.reference import load_reference_batch, save_reference_batch
 
 
 

@@ -341,8 +341,9 @@ def cmd_train_evaluator(args) -> None:
 def cmd_reference(args) -> None:
     from tokencache.checks import check_output_file
     from tokencache.data.digits import digits_to_uint8, load_digits_dataset
-    from tokencache.data.npz import load_samples_npz, save_reference_batch
+    from tokencache.data.npz import load_samples_npz
     from tokencache.io import sha256_file
+    from tokencache.metrics.reference import save_reference_batch
 
     check_output_file(args.out)
     if args.features == "digits" and args.weights is None:

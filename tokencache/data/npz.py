@@ -1,11 +1,10 @@
-"""Sample and reference batches in the ADM evaluator's npz format.
+"""Sample batches in the ADM evaluator's npz format, and reading npz files safely.
 
 Samples: ``arr_0`` uint8 (N, H, W, 3) images, ``arr_1`` int64 (N,) class labels, as written by
-guided-diffusion's and DiT's sampling scripts. Reference batches (e.g. ADM's
-``VIRTUAL_imagenet256_labeled.npz``): ``mu``/``sigma`` (pool features) and ``mu_s``/``sigma_s``
-(spatial features) statistics plus the images in ``arr_0`` for precision/recall. Batches written
-here also store ``extractor`` (the feature extractor name) so statistics from one extractor are
-never compared with features of another.
+guided-diffusion's and DiT's sampling scripts. Reference batches (feature statistics of real
+images) are made and read by :mod:`tokencache.metrics.reference`, which computes the statistics
+with the metrics' feature extractors; it reads them through :func:`open_npz` and
+:func:`read_array` here.
 
 Writes go through :func:`tokencache.io.write_atomic` (a temporary file in the same folder, then
 ``os.replace``; the umask's mode; fixed zip time stamps, so equal arrays give equal bytes): an
@@ -20,8 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from tokencache.io import sha256_file, write_atomic  # noqa: F401  (sha256_file: imported from here too)
-
-REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "arr_0", "extractor")
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -65,7 +62,8 @@ def _reason(exc: Exception) -> str:
     return (text[:120] + "…" if len(text) > 120 else text) or type(exc).__name__
 
 
-def _read(data, key: str, path, what: str) -> np.ndarray:
+def read_array(data, key: str, path, what: str) -> np.ndarray:
+    """Array ``key`` of an open npz; a damaged member is one ValueError line naming the file."""
     try:
         return data[key]
     except Exception as exc:  # a damaged member shows up only when read
@@ -73,7 +71,8 @@ def _read(data, key: str, path, what: str) -> np.ndarray:
                          f"damaged; make it again") from None
 
 
-def _check_images(images: np.ndarray) -> np.ndarray:
+def check_images(images: np.ndarray) -> np.ndarray:
+    """``images`` as an array, if they are uint8 (N, H, W, C) with C in (1, 3); else a ValueError."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"expected uint8 images (N, H, W, C) with C in (1, 3), got {images.dtype} {images.shape}")
@@ -82,7 +81,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 
 def save_samples_npz(path: str | os.PathLike, images_uint8: np.ndarray, labels: np.ndarray | None = None) -> None:
     """Write samples as ADM does: ``arr_0`` images (N, H, W, C) uint8, ``arr_1`` labels if given."""
-    images = _check_images(images_uint8)
+    images = check_images(images_uint8)
     arrays = {"arr_0": images}
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -103,50 +102,12 @@ def load_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
             raise ValueError(f"samples {path} has no arr_0 images (arrays: {', '.join(data.files) or 'none'}): "
                              f"not an ADM sample batch")
         try:
-            images = _check_images(_read(data, "arr_0", path, "samples"))
+            images = check_images(read_array(data, "arr_0", path, "samples"))
         except ValueError as exc:
             raise ValueError(f"samples {path}: {exc}") from None
-        labels = _read(data, "arr_1", path, "samples") if "arr_1" in data.files else None
+        labels = read_array(data, "arr_1", path, "samples") if "arr_1" in data.files else None
     if len(images) == 0:
         raise ValueError(f"samples {path} holds no images")
     if labels is not None and labels.shape != (len(images),):
         raise ValueError(f"samples {path}: arr_1 holds {labels.shape} labels for {len(images)} images")
     return images, labels
-
-
-def load_reference_batch(path: str | os.PathLike) -> dict[str, np.ndarray | str]:
-    """Read a reference batch: whichever of mu, sigma, mu_s, sigma_s, arr_0, extractor it holds."""
-    with open_npz(path, "reference batch") as data:
-        ref = {key: _read(data, key, path, "reference batch") for key in REFERENCE_KEYS if key in data.files}
-    if "extractor" in ref:
-        ref["extractor"] = str(ref["extractor"])
-    if "arr_0" not in ref and "mu" not in ref:
-        raise ValueError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): not a reference batch")
-    return ref
-
-
-def save_reference_batch(
-    path: str | os.PathLike,
-    images_uint8: np.ndarray,
-    extractor: str = "inception",
-    weights_path: str | os.PathLike | None = None,
-    batch_size: int = 64,
-    device: str | None = None,
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Write a reference batch like ADM's: pool and spatial statistics of the images, and the images.
-
-    Returns the statistics written (``mu``, ``sigma``, ``mu_s``, ``sigma_s``).
-    """
-    from tokencache.metrics.features import extract_features
-    from tokencache.metrics.fid import feature_statistics
-
-    images = _check_images(images_uint8)
-    feats = extract_features(images, extractor, batch_size=batch_size, weights_path=weights_path, device=device,
-                             progress=progress)
-    mu, sigma = feature_statistics(feats["pool"])
-    mu_s, sigma_s = feature_statistics(feats["spatial"])
-    stats = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-    name = extractor if isinstance(extractor, str) else extractor.name
-    _atomic_savez(path, {**stats, "arr_0": images, "extractor": np.array(name)})
-    return stats

@@ -15,9 +15,10 @@ import os
 
 import numpy as np
 
-from tokencache.data.npz import load_reference_batch, load_samples_npz
+from tokencache.data.npz import load_samples_npz
 from tokencache.io import sha256_file
 from tokencache.metrics.fid import feature_statistics, frechet_distance, inception_score, precision_recall
+from tokencache.metrics.reference import load_reference_batch
 
 FULL_EVAL_SIZE = 50_000
 
