@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ from tokencache.errors import DeviceUnavailable
 from tokencache.metrics.flops import cfg_rows_per_image, sampling_macs
 from tokencache.models.compiled import COMPILE_MODES, compiled_branches, graphs_compiled, uses_cuda_graphs
 from tokencache.models.layers import Attention
+from tokencache.provenance import cpu_model, git_commit
 from tokencache.sampling import draw_labels, generate, parse_sampler, sample_generators
 
 #: the clock; tests replace it to check the bookkeeping.
@@ -123,28 +123,6 @@ class _Memory:
         return None if after is None else int(after - self.before)
 
 
-# --------------------------------------------------------------------------- provenance
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> Optional[str]:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def sdpa_backend(model: torch.nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
     """The kernel ``F.scaled_dot_product_attention`` picks for the model's full-token attention.
 
@@ -191,8 +169,11 @@ def tf32_mode(enabled: Optional[bool]):
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
-def provenance(device: torch.device, dtype: str = "float32", **extra) -> dict:
+def timing_provenance(device: torch.device, dtype: str = "float32", **extra) -> dict:
     """Everything that moves a latency number: device, versions, dtype, TF32, attention backend.
+
+    The machine's CPU model and the source's commit come from :mod:`tokencache.provenance`, the
+    one place that reads them (the run and metrics records use the same functions).
 
     ``extra`` adds or overrides fields (the measurement adds weights_dtype, tf32_requested,
     sdpa_backend, compile_mode, compile_backend, cuda_graphs, compile_warmup_s,
@@ -200,8 +181,8 @@ def provenance(device: torch.device, dtype: str = "float32", **extra) -> dict:
     """
     info = {
         "device": str(device),
-        "device_name": _cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu_model": _cpu_model(),
+        "device_name": cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -220,7 +201,7 @@ def provenance(device: torch.device, dtype: str = "float32", **extra) -> dict:
             "cudnn": bool(getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)()),
         },
         "compile_mode": "none",
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     info.update(extra)
     if device.type == "cuda":
@@ -400,7 +381,7 @@ def measure_latency(model: torch.nn.Module, methods: Sequence[tuple[str, str, di
                                                       time_decisions=True)
         rows_per_image = 2 if cfg else 1
         attention_dtype = autocast or weights_dtype
-        prov = provenance(
+        prov = timing_provenance(
             dev, dtype_name, weights_dtype=str(weights_dtype).replace("torch.", ""), tf32_requested=tf32,
             sdpa_backend={str(b): sdpa_backend(model, b * rows_per_image, attention_dtype, dev) for b in batch_sizes},
             compile_mode=compile_mode, compile_backend=None if compile_mode == "none" else compile_backend,
