@@ -32,7 +32,7 @@ A **Cache Predictor** g_θ(l, t) → w ∈ [0, 1]^N scores the tokens of block l
 * TPRR: an I-step first and after every K P-steps, K = K1 while the step is in the first
   ``phase_boundary`` of the steps, K2 after. K1, K2 and the boundary are not published:
   defaults (DDIM K1 = 3, K2 = 2; DDPM K1 = 4, K2 = 2; ρ = 0.75, β = 0.5, boundary 0.5) come from
-  the testbed sweep (README, "TokenCache").
+  the testbed sweep (docs/methods.md, "TokenCache: the paper and ours").
 * Token choice for the ablation: ``random`` (a seeded permutation per step and block) and
   ``attention`` (ToCa's s1 from the block's last I-step).
 

@@ -37,7 +37,7 @@ from tokencache.models.registry import create_model
 
 #: Steps, batch and peak lr per testbed preset: each trains in under 5 minutes on one core of the
 #: reference 2-core CPU, and ≥ 90% of its DDIM-20/DDPM-40 samples at CFG 3 are read as their class
-#: by the digits CNN (README, "The digits testbed"). MDTv2 takes fewer steps: each runs two forwards.
+#: by the digits CNN (docs/testbed.md). MDTv2 takes fewer steps: each runs two forwards.
 TESTBED_RECIPES = {
     "DiT-digits": {"steps": 1000, "batch_size": 32, "lr": 1e-2},
     "MDTv2-digits": {"steps": 600, "batch_size": 32, "lr": 1e-2},

@@ -36,7 +36,7 @@ PRESETS = _preset_table()
 
 #: The digits testbed backbones: 8×8 one-channel pixels at patch 1 (64 tokens), 10 classes,
 #: 8 blocks (MDTv2: 3 encoder-in, 3 encoder-out, 2 decoder), sized to train in minutes on a
-#: 2-core CPU (see README, "The digits testbed").
+#: 2-core CPU (see docs/testbed.md).
 TESTBED = dict(input_size=8, patch_size=1, in_channels=1, num_classes=10, hidden_size=64, depth=8, num_heads=4)
 PRESETS["DiT-digits"] = ("DiT", dict(TESTBED))
 PRESETS["MDTv2-digits"] = ("MDTv2", dict(TESTBED, decode_layer=2, mask_ratio=0.3))

@@ -5,7 +5,7 @@ batch, the reference run's images for fidelity) and runs each setting in this pr
 MACs → FID and PSNR to the reference. ``--method`` is the base (``NAME:key=value,…``; a
 calibration file parameter ``auto`` means the workflow's file for this model and sampler), each
 ``--vary`` one setting on top of it. Writes ``<results>/tables/sweep_<NAME>_<model>_<sampler>.{csv,md}``.
-The TokenCache defaults of the README came from::
+The TokenCache defaults (docs/methods.md) came from::
 
     python workflow/scripts/sweep.py --results results/digits --model DiT-digits --sampler ddim20 \\
         --method tokencache:predictor=auto --vary k1=2,k2=2 k1=3,k2=2 k1=3,k2=1 k1=4,k2=2 k1=4,k2=3 \\
