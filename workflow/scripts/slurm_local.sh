@@ -20,11 +20,13 @@
 # starts from a fresh cluster.
 #
 # The default run: one backbone, one sampler and three methods (`full`, FORA and one with a
-# calibration made by the workflow) of config/rehearsal.yaml, or of config/smoke.yaml where that
-# file does not exist, in two sampling shards per run: the backbone (trained, for the testbed),
-# the calibration, the shards, their merge, the evaluations, the tables, the plots and the report.
-# SLURM_LOCAL_CONFIG, SLURM_LOCAL_BACKBONE, SLURM_LOCAL_SAMPLER and SLURM_LOCAL_METHODS (labels,
-# comma-separated) choose another subset.
+# calibration made by the workflow, L2C where the config has it) of config/rehearsal.yaml (the
+# paper config on a CPU with stand-in weights: DiT-XL/2, DDIM-50, full, fora3, l2c), or of
+# config/smoke.yaml where that file does not exist, in two sampling shards per run: the downloads
+# (local rules, from the rehearsal's mirror on 127.0.0.1), the calibration, the shards, their
+# merge, the evaluations, the tables, the plots and the report. SLURM_LOCAL_CONFIG,
+# SLURM_LOCAL_BACKBONE, SLURM_LOCAL_SAMPLER and SLURM_LOCAL_METHODS (labels, comma-separated)
+# choose another subset.
 #
 # What differs from a GPU cluster: no GPU is requested. That is not set here: the rules request
 # GPUs (`gpu=1`, which the plugin turns into --gpus=1) only when the config says `device: cuda`,
@@ -216,7 +218,7 @@ if [ "${1:-}" = "--" ]; then
 fi
 [ $# -eq 0 ] || die "unknown argument $1: run with no argument, or -- COMMAND"
 
-CONFIG=${SLURM_LOCAL_CONFIG:-config/smoke.yaml}
+CONFIG=${SLURM_LOCAL_CONFIG:-$( [ -f config/rehearsal.yaml ] && echo config/rehearsal.yaml || echo config/smoke.yaml )}
 NAME=${SLURM_LOCAL_NAME:-slurm-$(basename "$CONFIG" .yaml)}
 # the subset of CONFIG, as a config file in the scratch folder (`--config` merges nested keys, so
 # it cannot drop backbones or methods)
