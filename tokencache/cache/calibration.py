@@ -14,8 +14,12 @@ settings and the training summary; :func:`load_calibration` reads it back and re
 made for another model, sampler or method, so that a mismatch is a clear error rather than
 silently wrong caching. The states the fits learn from are the model's own sampling
 trajectories of calibration samples (:func:`record_trajectories`, seeds kept apart from the
-evaluation seeds); :func:`relaxation_batches` is the update loop that the relaxation-trained
-methods share.
+evaluation seeds), taken batch by batch with :meth:`Trajectories.rows` / :func:`batch_rows`;
+:func:`replay_trajectories` runs a recording method over them (TeaCache's fit),
+:func:`relaxation_batches` gives the updates of a relaxation fit and :func:`fit_relaxation` is
+the one fitting loop (optimizer step, history, log) that L2C's router and TokenCache's
+predictors share. All of it is public API (``tokencache.cache``): a plugin's calibration uses
+the same pieces.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional, Union
+from typing import ClassVar, Iterator, NamedTuple, Optional, Union
 
 import torch
 
@@ -195,12 +199,36 @@ def write_random_calibration(method, model: torch.nn.Module, sampler: Union[Samp
 # ---------------------------------------------------------------------- trajectories
 
 
+class Trajectories(NamedTuple):
+    """The model's inputs at every step of full sampling of M calibration samples.
+
+    ``x[k]`` (M, c, C, H, W) and ``y`` (M, c), c = rows per sample (2 with CFG batching: the
+    conditional and the null-label row); ``t[k]`` the original timestep of step k (a scalar).
+    Unpacks as ``x, t, y``.
+    """
+
+    x: list
+    t: list
+    y: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.y)
+
+    def rows(self, step: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model call (x, t, y) of step ``step`` for samples ``index``, rows as the model saw them."""
+        y = batch_rows(self.y, index)
+        return batch_rows(self.x[step], index), self.t[step].expand(len(y)), y
+
+
 def record_trajectories(model, sampler: Sampler, sampling: SamplingSettings, seed: int, num_samples: int,
-                        batch_size: int, progress: bool):
+                        batch_size: int, progress: bool) -> Trajectories:
     """The model's inputs at every step of full sampling of calibration samples ``(seed, 0…M−1)``.
 
-    Returns (x, t, y): x[k] (M, c, C, H, W) and y (M, c) with c = rows per sample (2 with CFG
-    batching: conditional, null), t[k] the original timestep of step k.
+    Returns :class:`Trajectories` (x, t, y): x[k] (M, c, C, H, W) and y (M, c) with c = rows per
+    sample (2 with CFG batching: conditional, null), t[k] the original timestep of step k. The
+    samples are drawn as any sampling run draws them (labels and noise from (seed, index)), so
+    keep ``seed`` apart from the evaluation seeds.
     """
     from tqdm import tqdm
 
@@ -238,13 +266,54 @@ def record_trajectories(model, sampler: Sampler, sampling: SamplingSettings, see
         else:
             model.forward = own_forward
         bar.close()
-    return [torch.cat(chunks) for chunks in steps_x], steps_t, torch.cat(labels_rows)
+    return Trajectories([torch.cat(chunks) for chunks in steps_x], steps_t, torch.cat(labels_rows))
 
 
 def batch_rows(per_sample: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(M, c, ...) → the batch (c·b, ...) of samples ``index``, copies stacked as the model saw them."""
     picked = per_sample[index].transpose(0, 1)
     return picked.reshape(-1, *picked.shape[2:])
+
+
+def sample_batches(num_samples: int, batch_size: int, device) -> Iterator[torch.Tensor]:
+    """The sample indices 0…M−1 in consecutive batches of ``batch_size`` (index tensors on ``device``)."""
+    for lo in range(0, num_samples, batch_size):
+        yield torch.arange(lo, min(lo + batch_size, num_samples), device=device)
+
+
+class Replayed(NamedTuple):
+    """One model call of :func:`replay_trajectories`: the samples, the step k, the output, the engine."""
+
+    index: torch.Tensor
+    step: int
+    output: torch.Tensor
+    engine: "CacheEngine"  # noqa: F821 (what the method stored: e.g. engine.span_residual)
+
+
+def replay_trajectories(model, sampler: Sampler, method, trajectories: Trajectories,
+                        batch_size: int) -> Iterator[Replayed]:
+    """Run the model on every recorded step of every batch of samples with ``method`` attached.
+
+    Yields a :class:`Replayed` after each call, batch by batch and, in each batch, step by step
+    from k = 0 (a new generation for the engine), so the method (a recorder: it computes
+    everything) reads what it needs at every step — TeaCache's fit reads the modulated input of
+    block 0 this way, and the block stack's residual from ``engine.span_residual``. Runs without
+    gradients.
+    """
+    from tokencache.cache.engine import CacheEngine
+
+    engine = CacheEngine(model, method, sampler)
+    with torch.no_grad():
+        for index in sample_batches(trajectories.num_samples, batch_size, trajectories.y.device):
+            for k in range(sampler.steps):
+                x, t, y = trajectories.rows(k, index)
+                engine.attach()
+                try:
+                    engine.begin_step(k)
+                    out = model(x, t, y)
+                finally:
+                    engine.detach()
+                yield Replayed(index, k, out, engine)
 
 
 # ---------------------------------------------------------------------- the relaxation loop
@@ -271,31 +340,32 @@ class RelaxationBatch:
             engine.detach()
 
 
-def relaxation_batches(model, sampler: Sampler, relaxation, trajectories, updates: int, batch_size: int,
-                       num_samples: int, generator: torch.Generator, pick_step, progress: bool,
+def relaxation_batches(model, sampler: Sampler, relaxation, trajectories: Trajectories, updates: int,
+                       batch_size: int, num_samples: int, generator: torch.Generator, pick_step, progress: bool,
                        desc: str) -> Iterator[RelaxationBatch]:
     """The update loop the relaxation-trained calibrations share (L2C's router, TokenCache's predictor).
 
-    For each of ``updates`` updates: ``pick_step()`` gives a sampling step k ≥ 1; ``batch_size``
+    For each of ``updates`` updates: ``pick_step()`` gives a sampling step k ≥ 1 (``batch.step`` is
+    its :class:`~tokencache.cache.steps.Step`, with the count-down index); ``batch_size``
     calibration samples are drawn from ``num_samples``; the full model runs at k − 1 through an
     engine carrying ``relaxation`` (every branch computed and stored) and, without the engine,
-    at k for the target; the caller computes the relaxed output, the loss and the update.
-    The progress bar shows ``batch.loss`` when the caller sets it.
+    at k for the target; the caller computes the relaxed output, the loss and the update
+    (:func:`fit_relaxation` does all of that). ``relaxation.relaxed_step`` is set to k before
+    the full step, so the relaxation knows which step to blend. The progress bar shows
+    ``batch.loss`` when the caller sets it.
     """
     from tqdm import tqdm
 
     from tokencache.cache.engine import CacheEngine
 
-    xs, ts, ys = trajectories
     device = next(model.parameters()).device
     engine = CacheEngine(model, relaxation, sampler)
     bar = tqdm(range(updates), desc=desc, disable=not progress)
     for _ in bar:
-        step = pick_step()
+        step = engine.steps[pick_step()]
         index = torch.randperm(num_samples, generator=generator)[:batch_size].to(device)
-        y = batch_rows(ys, index)
-        x_prev, x_now = batch_rows(xs[step - 1], index), batch_rows(xs[step], index)
-        t_prev, t_now = ts[step - 1].expand(len(y)), ts[step].expand(len(y))
+        x_prev, t_prev, y = trajectories.rows(step - 1, index)
+        x_now, t_now, _ = trajectories.rows(step, index)
         with torch.no_grad():
             target = model(x_now, t_now, y)
             engine.attach()
@@ -310,3 +380,45 @@ def relaxation_batches(model, sampler: Sampler, relaxation, trajectories, update
         yield batch
         if getattr(batch, "loss", None) is not None:
             bar.set_postfix(loss=f"{batch.loss:.3g}")
+
+
+class FitHistory(list):
+    """The entries of a fit, one dict per update (``update``, then the loss terms as floats)."""
+
+    def first_mean(self, key: str, count: int) -> float:
+        """Mean of ``key`` over the first ``count`` updates (the start of the loss curve)."""
+        return sum(h[key] for h in self[:count]) / count
+
+    def last_mean(self, key: str, count: int) -> float:
+        """Mean of ``key`` over the last ``count`` updates (the loss the fit ends at, less noisy than one)."""
+        return sum(h[key] for h in self[-count:]) / count
+
+
+def fit_relaxation(model, sampler: Sampler, relaxation, trajectories: Trajectories, optimizer, loss_terms,
+                   *, updates: int, batch_size: int, num_samples: int, generator: torch.Generator, pick_step,
+                   progress: bool, desc: str, log=None, after_update=None) -> FitHistory:
+    """The fitting loop of the relaxation-trained calibrations (L2C's router, TokenCache's predictors).
+
+    For every :class:`RelaxationBatch` of :func:`relaxation_batches`: ``loss_terms(batch)`` returns
+    an ordered dict with the tensor to minimise under ``"loss"`` and any other terms to record
+    (tensors or numbers); the loop takes one ``optimizer`` step on it (gradients cleared first),
+    calls ``after_update()`` (e.g. a clamp), and records ``{"update": u, **terms}`` with tensors
+    read as floats — in the returned :class:`FitHistory`, one JSON line per update in ``log``
+    and the last loss on the progress bar.
+    """
+    history = FitHistory()
+    for update, batch in enumerate(relaxation_batches(model, sampler, relaxation, trajectories, updates, batch_size,
+                                                      num_samples, generator, pick_step, progress, desc)):
+        terms = loss_terms(batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        if after_update is not None:
+            after_update()
+        entry = {"update": update, **{key: value.item() if torch.is_tensor(value) else value
+                                      for key, value in terms.items()}}
+        batch.loss = entry["loss"]
+        history.append(entry)
+        if log is not None:
+            log.write(json.dumps(entry) + "\n")
+    return history

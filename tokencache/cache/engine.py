@@ -39,6 +39,7 @@ from tokencache.cache.actions import Blend, Compute, Forecast, Reuse, Span, Subs
 from tokencache.cache.methods import CacheMethod, ModelInfo
 from tokencache.cache.records import BRANCHES, Record
 from tokencache.cache.registry import get_method
+from tokencache.cache.steps import sampling_steps
 from tokencache.models.shape import model_shape
 from tokencache.sampling import Sampler, parse_sampler
 
@@ -145,6 +146,8 @@ class CacheEngine:
         self.num_tokens = self.info.num_tokens
         self.block_count = self.info.block_count
         self.step = -1
+        #: the Step objects the hooks receive (sampling index, count-down index, timestep, T)
+        self.steps = sampling_steps(self.num_steps, self.info.timesteps)
         self.record = Record(self.num_steps, self.block_count, self.num_tokens)
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
         self._residuals: dict[tuple[int, int], torch.Tensor] = {}
@@ -199,11 +202,15 @@ class CacheEngine:
         self.begin_step(step)
 
     def begin_step(self, step: int) -> None:
-        """Enter step ``step``; step 0 starts a new generation (everything is reset)."""
+        """Enter step ``step`` (k, 0 = first); step 0 starts a new generation (everything is reset).
+
+        From here on :attr:`step` is the :class:`~tokencache.cache.steps.Step` the hooks receive.
+        """
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step {step} outside 0…{self.num_steps - 1}")
         if step == 0:
             self.reset()
+        step = self.steps[step]
         self.step = step
         self.record.steps_run = max(self.record.steps_run, step + 1)
         if self.method.passthrough:  # counts per row with rows = 0: every token of every block
@@ -386,6 +393,14 @@ class CacheEngine:
         self.record.add_tokens(self.step, block, key[1], tokens.shape[1], x.shape[0])
         self._observed(block, name, x, out, None)
         return out
+
+    def span_residual(self, start: int, end: int) -> Optional[torch.Tensor]:
+        """The stored residual x_out(end) − x_in(start) of the span ``start…end`` (None if none is stored).
+
+        A :class:`~tokencache.cache.actions.Span` with ``keep="residual"`` stores it whenever its
+        blocks run; a calibration reads it here (TeaCache's fit on the block stack's residual).
+        """
+        return self._residuals.get((start, end))
 
     # ------------------------------------------------------------------ internals
 

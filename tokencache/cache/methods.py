@@ -14,11 +14,16 @@ declared with :func:`param` (default, one-line doc with the paper's symbol, allo
             return REUSE if branch == "mlp" and step % self.interval else COMPUTE
 
 The engine calls, per attach, :meth:`~CacheMethod.setup` (the model and sampler as a
-:class:`ModelInfo`); per generation it creates ``self.state = self.State()`` when the method
-declares a ``State`` class; per step :meth:`~CacheMethod.begin_step`; per block
+:class:`ModelInfo`), which stores ``self.info`` and the method's immutable plan ``self.plan =
+self.plan_for(info)`` (schedules, per-block ratios: everything derived from the settings and the
+model, never changed while sampling); per generation it creates ``self.state = self.State()``
+when the method declares a ``State`` class (everything that must start afresh); per step
+:meth:`~CacheMethod.begin_step`; per block
 :meth:`~CacheMethod.block_action` (its input tensor and the timestep-modulated input are there
 to read); per branch :meth:`~CacheMethod.branch_action` (see :mod:`tokencache.cache.actions`);
-and :meth:`observe` after a computation if the method defines it.
+and :meth:`observe` after a computation if the method defines it. Every hook gets the step as a
+:class:`~tokencache.cache.steps.Step`: the sampling index k (the int value), ``step.countdown``
+(the official s = T−1−k), ``step.timestep`` and ``step.num_steps``.
 
 Besides decisions, a method declares what the general layers need to know about it, so that
 none of them names a method: its ``role`` in comparisons, whether it reads device values on the
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Union
 
 from tokencache.cache.actions import COMPUTE
+from tokencache.cache.steps import Step, sampling_steps
 
 #: the roles a method plays in a comparison (plots and tables style and order runs by them)
 ROLES = ("reference", "fewer-steps", "cache")
@@ -78,6 +84,11 @@ class ModelInfo:
     model: Any = dataclasses.field(default=None, repr=False, compare=False)
     device: Any = dataclasses.field(default=None, repr=False, compare=False)
 
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """The sampler's steps k = 0 … T−1 as :class:`~tokencache.cache.steps.Step` (for plans made in setup)."""
+        return sampling_steps(self.num_steps, self.timesteps)
+
 
 class CacheMethod:
     """Base of every caching method. Subclasses are dataclasses registered by name.
@@ -92,7 +103,8 @@ class CacheMethod:
       sampling (a runtime signal); the engine then computes only the rows a per-row mask asks
       for, and latency reports the synchronisation;
     * ``State`` — a class (e.g. a dataclass) instantiated without arguments at the start of
-      every generation as ``self.state``: all per-generation memory lives there;
+      every generation as ``self.state``: all per-generation memory lives there (None before
+      the first generation);
     * ``noop`` — parameter values with which the method computes everything, as the uncached model;
     * ``traced_overhead`` — overhead counters whose work is matrix arithmetic a trace of the
       model sees (a predictor network's layers, an adaLN signal), as opposed to elementwise work;
@@ -103,8 +115,14 @@ class CacheMethod:
 
     Hooks (all optional; :meth:`branch_action` computes everything by default):
 
-    * ``setup(info)`` — once per attach, with a :class:`ModelInfo`; plan schedules here;
-    * ``begin_step(step)`` — before the model runs at step ``step`` (0 = first, noisiest);
+    * ``plan_for(info)`` → the method's plan, once per attach, with a :class:`ModelInfo`:
+      schedules and ratios derived from the settings and the model, an immutable object (e.g. a
+      frozen dataclass) that the hooks and :meth:`resolved` read as ``self.plan`` (None before
+      setup); ``setup(info)`` stores ``self.info`` and ``self.plan`` (override it only to check
+      the model without planning anything);
+    * ``begin_step(step)`` — before the model runs at step ``step`` (a
+      :class:`~tokencache.cache.steps.Step`: the int k, 0 = first, noisiest; ``step.countdown``
+      s = T−1−k; ``step.timestep``; ``step.num_steps``);
     * ``block_action(step, block, inputs)`` → None or a :class:`~tokencache.cache.actions.Span`
       starting at ``block``; ``inputs`` has ``x`` (the block's input), ``c`` (the conditioning
       vector) and ``attention_input()`` (the timestep-modulated input of its attention);
@@ -125,6 +143,11 @@ class CacheMethod:
     traced_overhead: ClassVar[tuple] = ()
     variants: ClassVar[tuple] = ()
     _record: Optional[Callable[[str, int], None]] = None
+    #: the model and sampler attached to, the plan derived from them, this generation's state
+    #: (all None until the engine sets them; instance attributes, never dataclass fields)
+    info: Optional[ModelInfo] = None
+    plan: Any = None
+    state: Any = None
 
     def __post_init__(self) -> None:
         validate_params(self)
@@ -132,15 +155,21 @@ class CacheMethod:
     # ------------------------------------------------------------------ hooks
 
     def setup(self, info: ModelInfo) -> None:
+        """Once per attach: keep ``info`` and derive the immutable plan (:meth:`plan_for`)."""
         self.info = info
+        self.plan = self.plan_for(info)
 
-    def begin_step(self, step: int) -> None:
-        pass
-
-    def block_action(self, step: int, block: int, inputs):
+    def plan_for(self, info: ModelInfo) -> Any:
+        """What this method derives from its settings and the model before sampling (None: nothing)."""
         return None
 
-    def branch_action(self, step: int, block: int, branch: str):
+    def begin_step(self, step: Step) -> None:
+        pass
+
+    def block_action(self, step: Step, block: int, inputs):
+        return None
+
+    def branch_action(self, step: Step, block: int, branch: str):
         return COMPUTE
 
     # ------------------------------------------------------------------ declarations

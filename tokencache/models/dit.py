@@ -88,11 +88,15 @@ class DiT(nn.Module):
                   self.final_layer.linear.weight, self.final_layer.linear.bias):
             nn.init.zeros_(p)
 
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, c): the first block's input z (B, N, D) — patch embedding plus position — and the
+        conditioning c (B, D) — timestep plus label embedding —, as :meth:`forward` computes them."""
+        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y, self.training)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,) original 0–999 timesteps, y (B,) labels → (B, out_channels, H, W)."""
         ctx = self.cache_context
-        x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        x, c = self.embed(x, t, y)
         for i, block in enumerate(self.blocks):
             x = block(x, c) if ctx is None else ctx.block(i, BlockCall(block, i, c, ctx), x)
         x = self.final_layer(x, c)

@@ -82,6 +82,12 @@ class _MDTBase(nn.Module):
     def num_tokens(self) -> int:
         return self.x_embedder.num_patches
 
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, c): the first block's input z (B, N, D) — patch embedding plus position, before any
+        masking — and the conditioning c (B, D) — timestep plus label embedding —, as :meth:`forward`
+        computes them."""
+        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y, self.training)
+
     def initialize_weights(self) -> None:
         """MDT's init: as DiT, plus learnable sin-cos pos/decoder embeddings and mask token."""
         xavier_init_linears(self)
@@ -170,8 +176,7 @@ class MDT(_MDTBase):
         return self.blocks
 
     def forward(self, x, t, y, enable_mask: bool = False):
-        x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        x, c = self.embed(x, t, y)
         masked = self.mask_ratio is not None and enable_mask
         ids_keep = None
         if masked:
@@ -209,8 +214,7 @@ class MDTv2(_MDTBase):
         return list(self.en_inblocks) + list(self.en_outblocks) + list(self.de_blocks)
 
     def forward(self, x, t, y, enable_mask: bool = False):
-        x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        x, c = self.embed(x, t, y)
         input_skip = x
         masked = self.mask_ratio is not None and enable_mask
         ids_keep = None
