@@ -20,7 +20,14 @@ our adaptation; full steps are every N steps from the first (DeepCache's own sch
 """
 from dataclasses import dataclass
 
-from tokencache.cache import COMPUTE_NO_STORE, CacheMethod, ComputeSpan, ReuseSpan, param, register_method
+from tokencache.cache import COMPUTE_NO_STORE, CacheMethod, ComputeSpan, ReuseSpan, Span, param, register_method
+
+
+@dataclass(frozen=True)
+class DeepCachePlan:
+    span: tuple  # (first, last) block of the reused deep span
+    compute_span: Span  # the action of a full step at the span's first block
+    reuse_span: Span  # the action of the steps between
 
 
 @register_method
@@ -33,8 +40,7 @@ class DeepCache(CacheMethod):
     interval: int = param(3, "N: full refresh every N steps (DeepCache's cache_interval)", min=1)
     shallow_blocks: int = param(1, "k: blocks recomputed every step at each end (DeepCache branch 0 → 1)", min=0)
 
-    def setup(self, info):
-        super().setup(info)
+    def plan_for(self, info):
         k, partners = self.shallow_blocks, info.skip_partners
         if partners:
             end = partners.get(k, k - 1)  # past the U's bottom: nothing left between the ends
@@ -44,14 +50,13 @@ class DeepCache(CacheMethod):
             kind = f"U of {len(partners)} long skips" if partners else f"{info.block_count} blocks"
             raise ValueError(f"deepcache: shallow_blocks={k} leaves no block to cache in this {info.family} "
                              f"({kind}); use a smaller shallow_blocks")
-        self.span = (k, end)
-        self.compute_span = ComputeSpan(*self.span)
-        self.reuse_span = ReuseSpan(*self.span)
+        return DeepCachePlan((k, end), ComputeSpan(k, end), ReuseSpan(k, end))
 
     def block_action(self, step, block, inputs):
-        if block != self.span[0]:
+        plan = self.plan
+        if block != plan.span[0]:
             return None
-        return self.compute_span if step % self.interval == 0 else self.reuse_span
+        return plan.compute_span if step % self.interval == 0 else plan.reuse_span
 
     def branch_action(self, step, block, branch):
         return COMPUTE_NO_STORE

@@ -69,8 +69,15 @@ from typing import Optional
 
 import torch
 
-from tokencache.baselines.toca import CELL, attention_score, choose_fresh_tokens, refresh_interval
-from tokencache.cache import COMPUTE, REUSE, CacheMethod, Compute, Span, param, register_method
+from tokencache.baselines._force_fresh import refresh_interval
+from tokencache.baselines._scores import (
+    TOKEN_SCORE_MACS,
+    attention_score,
+    attention_score_macs,
+    check_bonus_grid,
+    choose_fresh_tokens,
+)
+from tokencache.cache import COMPUTE, REUSE, CacheMethod, Compute, Span, param, register_method, sampling_steps
 
 #: the official ``fresh_ratio_scheduler.py`` names (``'cosine'``, accepted by the command line, raises there)
 SCHEDULES = ("ToCa", "constant", "linear", "exp", "linear-mode", "layerwise", "linear-layerwise")
@@ -86,15 +93,15 @@ def block_types(num_steps: int, num_blocks: int, interval: int, ratio: float, we
     """types[k][l] in {"full", "ToCa", "aggressive"}: the official ``cal_type`` with the interval
     every full block resets (``per_block_retest``), or one decision per step from block 0."""
     plan, threshold = [], interval
-    for k in range(num_steps):
-        s = num_steps - 1 - k
+    for step in sampling_steps(num_steps):
+        s = step.countdown
         row = []
         for layer in range(num_blocks):
             if layer > 0 and not per_block_retest:
                 row.append(row[0])
                 continue
             r = s % threshold
-            kind = FULL if k == 0 or r == 0 else (TOCA if r % 2 == 1 else AGGRESSIVE)
+            kind = FULL if step.k == 0 or r == 0 else (TOCA if r % 2 == 1 else AGGRESSIVE)
             if kind == FULL:
                 threshold = refresh_interval(s, num_steps, interval, ratio, weight, sensitive)
             row.append(kind)
@@ -130,6 +137,17 @@ def fresh_count(value: float, num_tokens: int) -> int:
     return int(torch.clamp(torch.tensor(value), 0.0, 1.0) * num_tokens)
 
 
+@dataclass(frozen=True)
+class DuCaPlan:
+    """What setup derives: each (step, block)'s type, the MLP tokens of the ToCa blocks, the aggressive spans."""
+
+    types: list  # types[k][l] in FULL, TOCA, AGGRESSIVE
+    tokens: dict  # (k, l) → MLP tokens recomputed by a ToCa block
+    aggressive_from: list  # aggressive_from[k]: the first aggressive block of step k (all later ones too), or None
+    needs_scores: bool  # some ToCa block recomputes a strict subset: attention maps are needed
+    full_attention: Compute  # the action of a full block's attention (with its map when scores are needed)
+
+
 @dataclass
 class DuCaState:
     """Per generation: each block's s1 from its last full computation, each block's MLP counters."""
@@ -160,41 +178,36 @@ class DuCa(CacheMethod):
     per_block_retest: bool = param(True, "official: every block re-tests the interval the full blocks reset; "
                                          "False: one decision per step")
 
-    def setup(self, info):
-        super().setup(info)
+    def plan_for(self, info):
         T, L, N = info.num_steps, info.block_count, info.num_tokens
-        self.types = block_types(T, L, self.interval, self.fresh_ratio, self.interval_weight,
-                                 self.sensitive_interval, self.per_block_retest)
-        self.tokens = {(k, layer): fresh_count(scheduled_ratio(self.schedule, self.fresh_ratio, T - 1 - k, T, layer, L,
-                                                               self.interval, self.module_weight), N)
-                       for k in range(T) for layer in range(L) if self.types[k][layer] == TOCA}
+        types = block_types(T, L, self.interval, self.fresh_ratio, self.interval_weight, self.sensitive_interval,
+                            self.per_block_retest)
+        tokens = {(step.k, layer): fresh_count(scheduled_ratio(self.schedule, self.fresh_ratio, step.countdown, T,
+                                                               layer, L, self.interval, self.module_weight), N)
+                  for step in info.steps for layer in range(L) if types[step][layer] == TOCA}
         # the first aggressive block of each step (all later blocks are aggressive too: only a full
         # block changes the interval), or None
-        self.aggressive_from: list[Optional[int]] = [row.index(AGGRESSIVE) if AGGRESSIVE in row else None
-                                                     for row in self.types]
-        self.needs_scores = any(0 < n < N for n in self.tokens.values())
-        if self.needs_scores and self.spatial_bonus > 0 and info.grid_size % CELL:
-            raise ValueError(f"duca: the 2×2 spatial bonus needs an even token grid, got {info.grid_size}×"
-                             f"{info.grid_size} (set spatial_bonus=0)")
-        self.full_attention = Compute(attention=True) if self.needs_scores else COMPUTE
+        aggressive_from = [row.index(AGGRESSIVE) if AGGRESSIVE in row else None for row in types]
+        needs_scores = any(0 < n < N for n in tokens.values())
+        if needs_scores:
+            check_bonus_grid(self.name, self.spatial_bonus, info.grid_size)
+        return DuCaPlan(types, tokens, aggressive_from, needs_scores,
+                        Compute(attention=True) if needs_scores else COMPUTE)
 
     def resolved(self):
         out = self.params()
-        types = getattr(self, "types", None)
-        if types is not None:
-            flat = [t for row in types for t in row]
+        if self.plan is not None:
+            flat = [t for row in self.plan.types for t in row]
             out["blocks"] = {kind: flat.count(kind) for kind in (FULL, TOCA, AGGRESSIVE)}
         return out
 
     def overhead_macs(self, shape):
-        """``attention_scores`` (one map reduced to s1: head mean H·N², column sum N², L2 norm N);
-        ``token_scores`` (one token scored: the s3 multiply-add and the 2×2 bonus, 2)."""
-        n = shape.tokens
-        return {"attention_scores": shape.heads * n * n + n * n + n, "token_scores": 2}
+        """``attention_scores`` (one map reduced to s1); ``token_scores`` (one token scored) — see ``_scores``."""
+        return {"attention_scores": attention_score_macs(shape), "token_scores": TOKEN_SCORE_MACS}
 
     def block_action(self, step, block, inputs):
         last = self.info.block_count - 1
-        start = self.aggressive_from[step]
+        start = self.plan.aggressive_from[step]
         if block == 0 and start != 0:
             # the blocks run: keep block L−1's output for the aggressive steps (models.py 352–353);
             # a step whose later blocks are aggressive runs block 0 alone
@@ -204,23 +217,28 @@ class DuCa(CacheMethod):
         return None
 
     def branch_action(self, step, block, branch):
-        state, kind = self.state, self.types[step][block]
+        state, plan = self.state, self.plan
+        kind = plan.types[step][block]
         if kind == FULL:
             if branch == "mlp":
                 state.stale.pop(block, None)  # every counter 0
                 return COMPUTE
-            return self.full_attention
+            return plan.full_attention
         if kind != TOCA:
             raise RuntimeError(f"duca: block {block} at step {step} is aggressive and must not run")
         if branch == "attn":
             return REUSE
-        k = self.tokens[step, block]
+        k = plan.tokens[step, block]
         if k >= self.info.num_tokens:
             state.stale.pop(block, None)
             return COMPUTE
-        if not self.needs_scores:
+        if not plan.needs_scores:
             return REUSE
-        return choose_fresh_tokens(self, state.stale, block, state.scores[block], k, self.interval)
+        action = choose_fresh_tokens(state.stale, block, state.scores[block], k, self.interval, self.soft_fresh_weight,
+                                     self.spatial_bonus, self.info.grid_size)
+        if action is not REUSE:
+            self.count("token_scores", self.info.num_tokens)
+        return action
 
     def observe(self, step, block, branch, *, x, output, attention, rows):
         if attention is not None:

@@ -77,17 +77,18 @@ from typing import Optional
 
 import torch
 
-from tokencache.cache import CacheMethod, Span, param, register_method
-from tokencache.cache.engine import sample_view
+from tokencache.baselines._scores import RELATIVE_L1_MACS, relative_l1
+from tokencache.cache import CacheMethod, Span, param, register_method, sample_view
 
 RULES = ("diffusers", "cache-dit")
 CFG_MODES = ("together", "separate")
 COUNTERS = ("cache-dit", "run-length")
 
 
-def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """mean|current − reference| / mean|reference| per row of (S, K) tensors, float32 as the official."""
-    return (current - reference).abs().mean(dim=1) / reference.abs().mean(dim=1)
+@dataclass(frozen=True)
+class FBPlan:
+    span: tuple  # (F_n, L−1−B_n): the blocks reused through their residual
+    warmup: frozenset  # steps k that never reuse (cache-dit's warm-up)
 
 
 @dataclass
@@ -130,8 +131,7 @@ class FirstBlockCache(CacheMethod):
     cfg: str = param("together", "with CFG batching: one decision from both rows of a sample, or one per row",
                      choices=CFG_MODES)
 
-    def setup(self, info):
-        super().setup(info)
+    def plan_for(self, info):
         last = info.block_count - 1 - self.bn_compute_blocks
         if self.fn_compute_blocks > last:
             raise ValueError(f"fbcache: F_n = {self.fn_compute_blocks} and B_n = {self.bn_compute_blocks} leave no "
@@ -140,19 +140,21 @@ class FirstBlockCache(CacheMethod):
             if self.fn_compute_blocks <= push <= last < pop:
                 raise ValueError(f"fbcache: B_n = {self.bn_compute_blocks} runs block {pop}, whose long skip comes "
                                  f"from block {push} inside the reused span {self.fn_compute_blocks}…{last}")
-        self.span = (self.fn_compute_blocks, last)
-        self.warmup = set(range(0, self.max_warmup_steps, self.warmup_interval))
+        return FBPlan((self.fn_compute_blocks, last), frozenset(range(0, self.max_warmup_steps, self.warmup_interval)))
 
     def resolved(self):
-        return {**self.params(), "reused_span": list(self.span)}
+        if self.plan is None:
+            return self.params()
+        return {**self.params(), "reused_span": list(self.plan.span)}
 
     def overhead_macs(self, shape):
-        return {"residual_values": 1, "signal_values": 3}
+        return {"residual_values": 1, "signal_values": RELATIVE_L1_MACS}
 
     def block_action(self, step, block, inputs):
         if block == 0:
             self.state.block0_input = inputs.x
-        if block != self.span[0]:
+        span = self.plan.span
+        if block != span[0]:
             return None
         state = self.state
         rows = inputs.rows_per_sample if self.cfg == "together" else 1
@@ -169,7 +171,7 @@ class FirstBlockCache(CacheMethod):
             state.accumulated = torch.zeros(samples, dtype=torch.float64, device=device)
             reuse = torch.zeros(samples, dtype=torch.bool, device=device)
             state.history.append({"step": step, "diff": None, "reuse": reuse.repeat(rows)})
-            return Span(*self.span, reuse=reuse.repeat(rows))
+            return Span(*span, reuse=reuse.repeat(rows))
         reuse, diff = self._decide(step, residual, samples, device)
         if diff is not None:
             self.count("signal_values", per_row)
@@ -177,12 +179,12 @@ class FirstBlockCache(CacheMethod):
         state.reference = torch.where(reuse.view(-1, 1), state.reference, residual)
         state.history.append({"step": step, "diff": None if diff is None else diff.repeat(rows),
                               "reuse": reuse.repeat(rows)})
-        return Span(*self.span, reuse=reuse.repeat(rows))
+        return Span(*span, reuse=reuse.repeat(rows))
 
     def _decide(self, step, residual, samples, device):
         """(reuse (S,), d (S,) float64 or None): cache-dit's can_cache checks in order, then the rule."""
         state = self.state
-        can = (torch.zeros if step in self.warmup else torch.ones)(samples, dtype=torch.bool, device=device)
+        can = (torch.zeros if step in self.plan.warmup else torch.ones)(samples, dtype=torch.bool, device=device)
         if self.max_cached_steps >= 0:
             can = can & (state.cached_steps < self.max_cached_steps)
         if self.max_continuous_cached_steps >= 0:

@@ -15,12 +15,17 @@ same rule (ToCa's R = 0 mode anchors the same phase).
 """
 from dataclasses import dataclass
 
-from tokencache.cache import COMPUTE, REUSE, CacheMethod, param, register_method
+from tokencache.cache import COMPUTE, REUSE, CacheMethod, param, register_method, sampling_steps
 
 
 def fora_full_steps(num_steps: int, interval: int) -> list[bool]:
     """True where sampling step k (0 = first) is full: i = T−1−k, full iff i == T−1 or i % N == 0."""
-    return [k == 0 or (num_steps - 1 - k) % interval == 0 for k in range(num_steps)]
+    return [step.k == 0 or step.countdown % interval == 0 for step in sampling_steps(num_steps)]
+
+
+@dataclass(frozen=True)
+class FORAPlan:
+    full: tuple  # full[k]: step k computes and stores every branch
 
 
 @register_method
@@ -32,9 +37,8 @@ class FORA(CacheMethod):
     noop = {"interval": 1}
     interval: int = param(3, "N: full where the step index i (counting down) is divisible by N (official: 3)", min=1)
 
-    def setup(self, info):
-        super().setup(info)
-        self.full = fora_full_steps(info.num_steps, self.interval)
+    def plan_for(self, info):
+        return FORAPlan(tuple(fora_full_steps(info.num_steps, self.interval)))
 
     def branch_action(self, step, block, branch):
-        return COMPUTE if self.full[step] else REUSE
+        return COMPUTE if self.plan.full[step] else REUSE

@@ -25,14 +25,24 @@ steps are the even i < T−1. The random stand-in for timing reuses half of the 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 
-from tokencache.cache import COMPUTE, REUSE, Blend, CacheMethod, Calibration, param, register_method
-from tokencache.cache.calibration import load_calibration, record_trajectories, relaxation_batches
+from tokencache.cache import (
+    COMPUTE,
+    REUSE,
+    Blend,
+    CacheMethod,
+    Calibration,
+    fit_relaxation,
+    load_calibration,
+    param,
+    record_trajectories,
+    register_method,
+    sampling_steps,
+)
 
 
 def routed_indices(num_steps: int) -> list[int]:
@@ -53,11 +63,11 @@ class _RouterRelaxation(CacheMethod):
     def params(self) -> dict:
         return {}
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step):
         if step == self.relaxed_step:
-            self.weights = torch.sigmoid(self.logits[self.info.num_steps - 1 - step])
+            self.weights = torch.sigmoid(self.logits[step.countdown])
 
-    def branch_action(self, step: int, block: int, branch: str):
+    def branch_action(self, step, block, branch):
         if step == self.relaxed_step:
             return Blend(self.weights[block, 0 if branch == "attn" else 1])
         return COMPUTE
@@ -87,34 +97,30 @@ class L2CRouter(Calibration):
         optimizer = torch.optim.AdamW([logits], lr=self.lr, weight_decay=0.0)
         trajectories = record_trajectories(model, sampler, sampling, self.seed, self.num_samples, self.batch_size,
                                            progress)
+        by_countdown = {step.countdown: step for step in sampling_steps(num_steps)}
 
         def pick_step():  # a routed index i = 2u; its step k = T−1−i follows the full step at index i + 1
-            return num_steps - 1 - 2 * int(torch.randint(num_steps // 2, (1,), generator=generator))
+            return by_countdown[2 * int(torch.randint(num_steps // 2, (1,), generator=generator))]
 
-        history = []
-        for update, batch in enumerate(relaxation_batches(model, sampler, _RouterRelaxation(logits), trajectories,
-                                                          self.steps, self.batch_size, self.num_samples, generator,
-                                                          pick_step, progress, "calibrate l2c")):
+        def loss_terms(batch):  # router_training_losses: MSE over all output channels + λ·Σσ(w_i)
             relaxed = batch.relaxed()
             mse = ((relaxed - batch.target) ** 2).mean(dim=tuple(range(1, relaxed.dim()))).mean()
-            routed = num_steps - 1 - batch.step
+            routed = batch.step.countdown
             l1_term = torch.sigmoid(logits[routed]).sum()
-            loss = mse + self.l1 * l1_term
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            return {"index": routed, "loss": mse + self.l1 * l1_term, "mse": mse, "l1": l1_term}
+
+        def clamp():  # the official clamp of the logits to [−5, 5] after each update
             with torch.no_grad():
                 logits.clamp_(-5.0, 5.0)
-            entry = {"update": update, "index": routed, "loss": loss.item(), "mse": mse.item(), "l1": l1_term.item()}
-            batch.loss = entry["loss"]
-            history.append(entry)
-            if log is not None:
-                log.write(json.dumps(entry) + "\n")
+
+        history = fit_relaxation(model, sampler, _RouterRelaxation(logits), trajectories, optimizer, loss_terms,
+                                 updates=self.steps, batch_size=self.batch_size, num_samples=self.num_samples,
+                                 generator=generator, pick_step=pick_step, progress=progress, desc="calibrate l2c",
+                                 log=log, after_update=clamp)
         weights = torch.sigmoid(logits.detach()).cpu()[routed_indices(num_steps)]
         return {"logits": logits.detach()}, {"final_loss": history[-1]["loss"], "final_mse": history[-1]["mse"],
                                              "routed_modules": int(weights.numel()),
                                              "reused_modules_at_0.1": int((weights <= 0.1).sum())}
-
     def random(self, method, model, sampler, generator):
         """Routed branches: half of them get logit −5 (σ ≈ 0.007, reused at any θ ≥ 0.01), the others +5."""
         blocks = int(model.block_count)
@@ -143,15 +149,15 @@ class L2C(CacheMethod):
     router: Optional[str] = param(None, "path of the router file from `tokencache calibrate --method l2c` (required)")
     threshold: float = param(0.1, "θ: reuse a branch unless σ(w) > θ (official: 0.1)", min=0.0, max=1.0)
 
-    def setup(self, info):
-        super().setup(info)
+    def plan_for(self, info):
+        """reuse[k][block][branch] on the routed steps (None on the full ones), from the router's σ(w)."""
         weights = torch.sigmoid(load_calibration(self, self.router, info.model, info.sampler_name)["logits"])
-        self.reuse = [None] * info.num_steps
-        for i in routed_indices(info.num_steps):
-            self.reuse[info.num_steps - 1 - i] = (~(weights[i] > self.threshold)).tolist()
+        routed = set(routed_indices(info.num_steps))
+        return tuple((~(weights[step.countdown] > self.threshold)).tolist() if step.countdown in routed else None
+                     for step in info.steps)
 
     def branch_action(self, step, block, branch):
-        mask = self.reuse[step]
+        mask = self.plan[step]
         if mask is not None and mask[block][0 if branch == "attn" else 1]:
             return REUSE
         return COMPUTE

@@ -30,12 +30,9 @@ class Steps(CacheMethod):
         if self.fraction == 0 and self.num_steps is None:
             raise ValueError("steps: fraction must be above 0 (at least one step)")
 
-    def setup(self, info):
-        super().setup(info)
-        self.run_steps = info.num_steps
-
     def resolved(self):
-        return {**self.params(), "num_steps": self.run_steps}
+        """The parameters with ``num_steps`` the steps actually run (known after setup)."""
+        return {**self.params(), "num_steps": self.info.num_steps if self.info is not None else self.num_steps}
 
     def transform_sampler(self, sampler):
         steps = self.num_steps if self.num_steps is not None else max(1, round(self.fraction * sampler.steps))

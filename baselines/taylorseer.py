@@ -65,7 +65,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tokencache.cache import COMPUTE_NO_STORE, CacheMethod, Forecast, param, register_method
+from tokencache.cache import COMPUTE_NO_STORE, CacheMethod, Forecast, param, register_method, sampling_steps
 
 #: ``cache_init.py`` 26: the hard-coded first entry of ``activated_steps`` (inert, see above)
 OFFICIAL_ACTIVATED_STEPS = (49,)
@@ -78,8 +78,8 @@ def full_steps(num_steps: int, interval: int, first_enhance: int = 2, final_full
     official) s < ``final_full_steps``; a full step resets the counter, any other adds 1.
     """
     plan, counter = [], 0
-    for k in range(num_steps):
-        s = num_steps - 1 - k
+    for step in sampling_steps(num_steps):
+        s = step.countdown
         if s > num_steps - first_enhance - 1 or counter == interval - 1 or s < final_full_steps:
             counter = 0
             plan.append(True)
@@ -92,8 +92,8 @@ def full_steps(num_steps: int, interval: int, first_enhance: int = 2, final_full
 def factor_counts(num_steps: int, full: list[bool], max_order: int, first_enhance: int = 2) -> list[int]:
     """Factors held per (block, branch) after each step: one new order per full step, at most O + 1."""
     held, out = 0, []
-    for k, is_full in enumerate(full):
-        s = num_steps - 1 - k
+    for step, is_full in zip(sampling_steps(num_steps), full):
+        s = step.countdown
         if is_full:
             old = 0 if s == num_steps - 1 else held
             held = 1 + (min(old, max_order) if s < num_steps - first_enhance + 1 else 0)
@@ -115,6 +115,12 @@ def taylor_forecast(factors: list, x: int):
         term = factors[i] * (1 / math.factorial(i))
         output += term.mul_(x ** i)
     return output
+
+
+@dataclass(frozen=True)
+class TaylorPlan:
+    full: list  # full[k]: step k computes every branch (and forms new factors)
+    held: list  # held[k]: factors held per (block, branch) after step k
 
 
 @dataclass
@@ -141,25 +147,22 @@ class TaylorSeer(CacheMethod):
     final_full_steps: int = param(0, "not official: the last this-many steps are full too (the unused last_steps "
                                      "of cal_type.py would be 3)", min=0)
 
-    def setup(self, info):
-        super().setup(info)
-        T = info.num_steps
-        self.full = full_steps(T, self.interval, self.first_enhance, self.final_full_steps)
-        self.held = factor_counts(T, self.full, self.max_order, self.first_enhance)
+    def plan_for(self, info):
+        full = full_steps(info.num_steps, self.interval, self.first_enhance, self.final_full_steps)
+        return TaylorPlan(full, factor_counts(info.num_steps, full, self.max_order, self.first_enhance))
 
     def resolved(self):
         out = self.params()
-        info = getattr(self, "info", None)
-        if info is None:
+        if self.plan is None:
             return out
-        stored = max(self.held, default=0)
+        info = self.info
+        stored = max(self.plan.held, default=0)
         hidden = _hidden_size(info.model)
-        out.update(full_steps=sum(self.full), stored_factors=stored)
+        out.update(full_steps=sum(self.plan.full), stored_factors=stored)
         if hidden is not None:
             out["stored_values_per_row"] = stored * 2 * info.block_count * info.num_tokens * hidden
-        state = getattr(self, "state", None)
-        if state is not None:
-            out["peak_values_per_row"] = state.peak_values_per_row
+        if self.state is not None:
+            out["peak_values_per_row"] = self.state.peak_values_per_row
         return out
 
     def overhead_macs(self, shape):
@@ -168,20 +171,20 @@ class TaylorSeer(CacheMethod):
         return {"derivative_values": 2, "taylor_terms": 2}
 
     def begin_step(self, step):
-        if self.full[step]:
-            self.state.activated_steps.append(self.info.num_steps - 1 - step)  # cal_type.py 13
+        if self.plan.full[step]:
+            self.state.activated_steps.append(step.countdown)  # cal_type.py 13
 
     def branch_action(self, step, block, branch):
-        if self.full[step]:
+        if self.plan.full[step]:
             return COMPUTE_NO_STORE  # never reused: the factors are the cache
         state = self.state
         factors = state.factors[(block, branch)]
-        x = (self.info.num_steps - 1 - step) - state.activated_steps[-1]
+        x = step.countdown - state.activated_steps[-1]
         self.count("taylor_terms", len(factors) * factors[0][0].numel())
         return Forecast(taylor_forecast(factors, x))
 
     def observe(self, step, block, branch, *, x, output, attention, rows):
-        T, s, state = self.info.num_steps, self.info.num_steps - 1 - step, self.state
+        T, s, state = step.num_steps, step.countdown, self.state
         key = (block, branch)
         old = [] if s == T - 1 else state.factors.get(key, [])  # taylor_cache_init at the first step
         gap = state.activated_steps[-1] - state.activated_steps[-2]

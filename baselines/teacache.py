@@ -77,17 +77,21 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from tokencache.cache import CacheMethod, Calibration, Span, param, register_method
-from tokencache.cache.calibration import batch_rows, load_calibration, record_trajectories
-from tokencache.cache.engine import CacheEngine, sample_view
+from tokencache.baselines._scores import RELATIVE_L1_MACS, relative_l1
+from tokencache.cache import (
+    CacheMethod,
+    Calibration,
+    Span,
+    load_calibration,
+    param,
+    record_trajectories,
+    register_method,
+    replay_trajectories,
+    sample_view,
+)
 
 TARGETS = ("output", "residual")
 CFG_MODES = ("together", "separate")
-
-
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """mean|current − previous| / mean|previous| per row of (S, K) tensors, in their dtype (float32)."""
-    return (current - previous).abs().mean(dim=1) / previous.abs().mean(dim=1)
 
 
 def trim_leading_zeros(coefficients) -> list[float]:
@@ -98,7 +102,7 @@ def trim_leading_zeros(coefficients) -> list[float]:
     return values or [0.0]
 
 
-def polyval(coefficients: list[float], x: torch.Tensor) -> torch.Tensor:
+def polyval(coefficients, x: torch.Tensor) -> torch.Tensor:
     """``np.polyval`` in float64, elementwise: y = 0; y = y·x + c for c highest power first."""
     x = x.double()
     y = torch.zeros_like(x)
@@ -123,20 +127,24 @@ def fit_polynomial(x: np.ndarray, y: np.ndarray, degree: int) -> dict:
 
 
 class _SignalRecorder(CacheMethod):
-    """Calibration-time: records block 0's input and its modulated input; computes everything."""
+    """Calibration-time: records block 0's modulated input; computes everything. With
+    ``stack_residual`` the whole stack runs as one computed span, so the engine keeps its residual
+    out_{L−1} − x (``engine.span_residual(0, L−1)``)."""
 
     name = "teacache-recorder"
 
-    def __init__(self):
-        self.block0_input = self.modulated = None
+    def __init__(self, stack_residual: bool):
+        self.stack_residual = stack_residual
+        self.modulated = None
 
     def params(self) -> dict:
         return {}
 
     def block_action(self, step, block, inputs):
-        if block == 0:
-            self.block0_input, self.modulated = inputs.x, inputs.attention_input()
-        return None
+        if block != 0:
+            return None
+        self.modulated = inputs.attention_input()
+        return Span(0, self.info.block_count - 1, reuse=False) if self.stack_residual else None
 
 
 @dataclass
@@ -159,39 +167,24 @@ class TeaCacheCoefficients(Calibration):
         """(x, y) (M, T−1) float64: per sample and step k ≥ 1, the relative L1 change from step k − 1 of the
         modulated input (x) and of the target (y), each over the sample's rows (``per_row``: one pair per
         row, (rows·M, T−1), as a method with ``cfg="separate"`` measures)."""
-        xs, ts, labels = record_trajectories(model, sampler, sampling, self.seed, self.num_samples, self.batch_size,
-                                             progress)
-        copies = labels.shape[1]
-        recorder = _SignalRecorder()
-        engine = CacheEngine(model, recorder, sampler)
-        stack = {}
-        hook = model.final_layer.register_forward_pre_hook(lambda module, args: stack.__setitem__("out", args[0]))
-        device = labels.device
+        trajectories = record_trajectories(model, sampler, sampling, self.seed, self.num_samples, self.batch_size,
+                                           progress)
+        rows = 1 if per_row else trajectories.y.shape[1]
+        recorder = _SignalRecorder(stack_residual=self.target == "residual")
+        last = int(model.block_count) - 1
         x_points, y_points = [], []
-        try:
-            with torch.no_grad():
-                for lo in range(0, self.num_samples, self.batch_size):
-                    index = torch.arange(lo, min(lo + self.batch_size, self.num_samples), device=device)
-                    y = batch_rows(labels, index)
-                    previous, x_steps, y_steps = None, [], []
-                    for k in range(sampler.steps):
-                        engine.attach()
-                        try:
-                            engine.begin_step(k)
-                            out = model(batch_rows(xs[k], index), ts[k].expand(len(y)), y)
-                        finally:
-                            engine.detach()
-                        target = out if self.target == "output" else stack["out"] - recorder.block0_input
-                        rows = 1 if per_row else copies
-                        current = (sample_view(recorder.modulated, rows), sample_view(target, rows))
-                        if previous is not None:
-                            x_steps.append(relative_l1(current[0], previous[0]).double())
-                            y_steps.append(relative_l1(current[1], previous[1]).double())
-                        previous = current
-                    x_points.append(torch.stack(x_steps, dim=1).cpu())
-                    y_points.append(torch.stack(y_steps, dim=1).cpu())
-        finally:
-            hook.remove()
+        for replayed in replay_trajectories(model, sampler, recorder, trajectories, self.batch_size):
+            if replayed.step == 0:
+                previous, x_steps, y_steps = None, [], []
+            target = replayed.output if self.target == "output" else replayed.engine.span_residual(0, last)
+            current = (sample_view(recorder.modulated, rows), sample_view(target, rows))
+            if previous is not None:
+                x_steps.append(relative_l1(current[0], previous[0]).double())
+                y_steps.append(relative_l1(current[1], previous[1]).double())
+            previous = current
+            if replayed.step == sampler.steps - 1:
+                x_points.append(torch.stack(x_steps, dim=1).cpu())
+                y_points.append(torch.stack(y_steps, dim=1).cpu())
         return torch.cat(x_points), torch.cat(y_points)
 
     def fit(self, method, model, sampler, sampling, progress=False, log=None):
@@ -229,6 +222,12 @@ class TeaCacheCoefficients(Calibration):
         return True
 
 
+@dataclass(frozen=True)
+class TeaPlan:
+    polynomial: tuple  # the fitted coefficients, highest power first, leading zeros dropped (np.poly1d)
+    fit_quality: dict  # fit_r2, fit_rmse as the file records them
+
+
 @dataclass
 class TeaState:
     previous: Optional[torch.Tensor] = None  # (S, r·N·D): the previous step's modulated input per sample
@@ -255,14 +254,15 @@ class TeaCache(CacheMethod):
     cfg: str = param("together", "with CFG batching: one decision from both rows of a sample, or one per row",
                      choices=CFG_MODES)
 
-    def setup(self, info):
-        super().setup(info)
+    def plan_for(self, info):
         tensors = load_calibration(self, self.coefficients, info.model, info.sampler_name)
-        self.polynomial = trim_leading_zeros(tensors["coefficients"].tolist())
-        self.fit_quality = {key: float(tensors[key]) for key in ("fit_r2", "fit_rmse") if key in tensors}
+        return TeaPlan(tuple(trim_leading_zeros(tensors["coefficients"].tolist())),
+                       {key: float(tensors[key]) for key in ("fit_r2", "fit_rmse") if key in tensors})
 
     def resolved(self):
-        return {**self.params(), "polynomial": self.polynomial, **self.fit_quality}
+        if self.plan is None:
+            return self.params()
+        return {**self.params(), "polynomial": list(self.plan.polynomial), **self.plan.fit_quality}
 
     def calibration_id(self):
         """Per-row decisions (``cfg="separate"``) measure other changes: their polynomial is another file."""
@@ -270,7 +270,7 @@ class TeaCache(CacheMethod):
 
     def overhead_macs(self, shape):
         n, d = shape.tokens, shape.hidden
-        return {"signal_modulation": 6 * d * d + 4 * n * d, "modulate_values": 2, "signal_values": 3}
+        return {"signal_modulation": 6 * d * d + 4 * n * d, "modulate_values": 2, "signal_values": RELATIVE_L1_MACS}
 
     def forced(self, step: int) -> bool:
         return step < self.ret_steps or step >= self.info.num_steps - self.final_steps
@@ -291,7 +291,7 @@ class TeaCache(CacheMethod):
         else:
             rel = relative_l1(modulated, state.previous).double()  # .cpu().item() of the float32 ratio
             self.count("signal_values", per_row)
-            accumulated = state.accumulated + polyval(self.polynomial, rel)
+            accumulated = state.accumulated + polyval(self.plan.polynomial, rel)
             reuse = accumulated < self.threshold
             state.accumulated = torch.where(reuse, accumulated, torch.zeros_like(accumulated))
         state.previous = modulated

@@ -40,62 +40,21 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from tokencache.cache import COMPUTE, REUSE, CacheMethod, Compute, Subset, param, register_method
+from tokencache.baselines._force_fresh import refresh_interval
+from tokencache.baselines._scores import (
+    TOKEN_SCORE_MACS,
+    attention_score,
+    attention_score_macs,
+    check_bonus_grid,
+    choose_fresh_tokens,
+)
+from tokencache.cache import COMPUTE, REUSE, CacheMethod, Compute, param, register_method, sampling_steps
 
 SCHEDULES = ("auto", "ToCa-ddpm250", "ToCa-ddim50", "constant")
 #: (step weight, layer weight) of the official fresh-ratio schedulers.
 SCHEDULE_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2)}
 MODULE_TIME_WEIGHT = 0.6  # official: share of a block's time spent in the MLP
-CELL = 2  # side of the grid cells of the spatial bonus (official grid_size 2)
-
-
-def spatial_bonus(score: torch.Tensor, bonus: float, grid: int) -> torch.Tensor:
-    """Add ``bonus`` × its score to the best token of every 2×2 cell of the token grid (s4)."""
-    b, n = score.shape
-    g = grid // CELL
-    cells = score.view(b, g, CELL, g, CELL).permute(0, 1, 3, 2, 4).reshape(b, g * g, CELL * CELL)
-    best, where = cells.max(dim=-1, keepdim=True)
-    cells = cells.scatter_add(-1, where, best * bonus)
-    return cells.view(b, g, g, CELL, CELL).permute(0, 1, 3, 2, 4).reshape(b, n)
-
-
-def choose_fresh_tokens(method, stale_map: dict, key, scores: torch.Tensor, k: int, interval: int):
-    """The k tokens a ToCa-style step recomputes (``cache_cutfresh``), or REUSE when k is 0.
-
-    Score = the attention score s1 + λ·(steps since the token was last fresh) / N, the best token
-    of each 2×2 cell boosted by s4; descending, stable; the chosen tokens' counters reset to 0,
-    the others + 1. Shared by ToCa and DuCa (the same official functions).
-    """
-    stale = stale_map.get(key)
-    if stale is None:
-        stale = torch.zeros_like(scores, dtype=torch.int32)
-    if k == 0:
-        stale_map[key] = stale + 1
-        return REUSE
-    score = scores + method.soft_fresh_weight * (stale.float() / interval)
-    if method.spatial_bonus > 0:
-        score = spatial_bonus(score, method.spatial_bonus, method.info.grid_size)
-    tokens = torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
-    stale_map[key] = (stale + 1).scatter_(1, tokens, 0)
-    method.count("token_scores", method.info.num_tokens)
-    return Subset(tokens)
-
-
-def attention_score(attention: torch.Tensor) -> torch.Tensor:
-    """s1: the head-averaged attention each token receives, L2-normalised over the tokens."""
-    return F.normalize(attention.mean(dim=1).sum(dim=1), dim=1, p=2)
-
-
-def refresh_interval(s: int, num_steps: int, interval: int, ratio: float, weight: float, sensitive: int) -> int:
-    """I set by a full block 0 at step s: round(N / (1 + w − 2w·s/T)) in float32, or the forced 2."""
-    weight = 0.0 if ratio == 0 else weight
-    factor = torch.tensor(1 + weight - 2 * weight * s / num_steps)
-    threshold = int(torch.round(interval / factor))
-    if ratio != 0 and int(num_steps * 0.2) <= s < int(num_steps * 0.4):
-        threshold = sensitive
-    return max(threshold, 1)
 
 
 def full_blocks(num_steps: int, num_blocks: int, interval: int, ratio: float, weight: float, sensitive: int,
@@ -106,12 +65,12 @@ def full_blocks(num_steps: int, num_blocks: int, interval: int, ratio: float, we
     official code) blocks 1…L−1 test the new I, otherwise they follow block 0.
     """
     plan, threshold = [], interval
-    for k in range(num_steps):
-        s = num_steps - 1 - k
-        first = k == 0 or s % threshold == 0
+    for step in sampling_steps(num_steps):
+        s = step.countdown
+        first = step.k == 0 or s % threshold == 0
         if first:
             threshold = refresh_interval(s, num_steps, interval, ratio, weight, sensitive)
-        rest = first if not per_block_retest else (k == 0 or s % threshold == 0)
+        rest = first if not per_block_retest else (step.k == 0 or s % threshold == 0)
         plan.append([first] + [rest] * (num_blocks - 1))
     return plan
 
@@ -131,6 +90,18 @@ def fresh_tokens(schedule: str, ratio: float, s: int, num_steps: int, layer: int
             module_factor = 1 + MODULE_TIME_WEIGHT * module_weight
         value = ratio * layer_factor * step_factor * module_factor
     return int(torch.clamp(torch.tensor(value), 0.0, 1.0) * num_tokens)
+
+
+@dataclass(frozen=True)
+class ToCaPlan:
+    """What setup derives: the interval and schedule for the sampler, which blocks run in full, the tokens."""
+
+    interval: int  # N resolved for the sampler
+    schedule: str  # the fresh-ratio schedule resolved for the sampler
+    full: list  # full[k][l]: block l runs in full at step k
+    tokens: dict  # (k, l) → {"attn": k_attn, "mlp": k_mlp}: tokens recomputed where the block is not full
+    needs_scores: bool  # some branch recomputes a strict subset: attention maps are needed
+    full_attention: Compute  # the action of a full block's attention (with its map when scores are needed)
 
 
 @dataclass
@@ -167,47 +138,49 @@ class ToCa(CacheMethod):
     partial_attention: bool = param(False, "not official for DiT: also recompute top attention tokens (factor "
                                            "1 − 0.4m) instead of reusing the whole attention output")
 
-    def setup(self, info):
-        super().setup(info)
+    def plan_for(self, info):
         ddpm = info.sampler_loop == "ddpm"
-        self.base_interval = self.interval or (4 if ddpm else 3)
-        self.ratio_schedule = self.schedule if self.schedule != "auto" else ("ToCa-ddpm250" if ddpm else "ToCa-ddim50")
+        interval = self.interval or (4 if ddpm else 3)
+        schedule = self.schedule if self.schedule != "auto" else ("ToCa-ddpm250" if ddpm else "ToCa-ddim50")
         T, L, N = info.num_steps, info.block_count, info.num_tokens
-        self.full = full_blocks(T, L, self.base_interval, self.fresh_ratio, self.interval_weight,
-                                self.sensitive_interval, self.per_block_retest)
+        full = full_blocks(T, L, interval, self.fresh_ratio, self.interval_weight, self.sensitive_interval,
+                           self.per_block_retest)
         modules = ("attn", "mlp") if self.partial_attention else ("mlp",)
-        self.tokens = {(k, layer): {m: (fresh_tokens(self.ratio_schedule, self.fresh_ratio, T - 1 - k, T, layer, L, m,
+        tokens = {(step.k, layer): {m: (fresh_tokens(schedule, self.fresh_ratio, step.countdown, T, layer, L, m,
                                                      self.module_weight, N) if m in modules else 0)
                                     for m in ("attn", "mlp")}
-                       for k in range(T) for layer in range(L) if not self.full[k][layer]}
-        self.needs_scores = any(0 < n < N for row in self.tokens.values() for n in row.values())
-        if self.needs_scores and self.spatial_bonus > 0 and info.grid_size % CELL:
-            raise ValueError(f"toca: the 2×2 spatial bonus needs an even token grid, got {info.grid_size}×"
-                             f"{info.grid_size} (set spatial_bonus=0)")
-        self.full_attention = Compute(attention=True) if self.needs_scores else COMPUTE
+                  for step in info.steps for layer in range(L) if not full[step][layer]}
+        needs_scores = any(0 < n < N for row in tokens.values() for n in row.values())
+        if needs_scores:
+            check_bonus_grid(self.name, self.spatial_bonus, info.grid_size)
+        return ToCaPlan(interval, schedule, full, tokens, needs_scores,
+                        Compute(attention=True) if needs_scores else COMPUTE)
 
     def resolved(self):
-        return {**self.params(), "interval": self.base_interval, "schedule": self.ratio_schedule}
+        if self.plan is None:
+            return self.params()
+        return {**self.params(), "interval": self.plan.interval, "schedule": self.plan.schedule}
 
     def overhead_macs(self, shape):
-        """``attention_scores`` (one map reduced to s1: head mean H·N², column sum N², L2 norm N);
-        ``token_scores`` (one token scored: the s3 multiply-add and the 2×2 bonus, 2; the sort's
-        comparisons are not MACs)."""
-        n = shape.tokens
-        return {"attention_scores": shape.heads * n * n + n * n + n, "token_scores": 2}
+        """``attention_scores`` (one map reduced to s1); ``token_scores`` (one token scored) — see ``_scores``."""
+        return {"attention_scores": attention_score_macs(shape), "token_scores": TOKEN_SCORE_MACS}
 
     def branch_action(self, step, block, branch):
-        key, state = (block, branch), self.state
-        if self.full[step][block]:
+        key, state, plan = (block, branch), self.state, self.plan
+        if plan.full[step][block]:
             state.stale.pop(key, None)  # every token fresh: counters at 0
-            return self.full_attention if branch == "attn" else COMPUTE
-        k = self.tokens[step, block][branch]
+            return plan.full_attention if branch == "attn" else COMPUTE
+        k = plan.tokens[step, block][branch]
         if k >= self.info.num_tokens:
             state.stale.pop(key, None)
             return COMPUTE
-        if not self.needs_scores or (branch == "attn" and not self.partial_attention):
+        if not plan.needs_scores or (branch == "attn" and not self.partial_attention):
             return REUSE  # the official code cuts (and counts) only the MLP's tokens
-        return choose_fresh_tokens(self, state.stale, key, state.scores[block], k, self.base_interval)
+        action = choose_fresh_tokens(state.stale, key, state.scores[block], k, plan.interval, self.soft_fresh_weight,
+                                     self.spatial_bonus, self.info.grid_size)
+        if action is not REUSE:
+            self.count("token_scores", self.info.num_tokens)
+        return action
 
     def observe(self, step, block, branch, *, x, output, attention, rows):
         if attention is not None:

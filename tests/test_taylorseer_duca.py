@@ -48,7 +48,7 @@ def test_taylorseer_matches_the_official_schedule(tiny_dit, sampler, interval, o
     assert all((counts[k] == 0).all() for k in range(steps) if types[k] == "Taylor")
     assert (blocks_run == 1).all()  # a Taylor block still runs (its adaLN gates the forecasts)
     method = engine.method
-    assert [h for h, t in zip(held, types) if t == "full"] == [h for h, f in zip(method.held, method.full) if f]
+    assert [h for h, t in zip(held, types) if t == "full"] == [h for h, f in zip(method.plan.held, method.plan.full) if f]
     if sampler == "ddim50":  # full at k = 0, 1, then every N-th step: 14 / 18 / 11 full steps
         assert sum(t == "full" for t in types) == {4: 14, 3: 18, 5: 11}[interval]
         assert (types[-1] == "full") == ((steps - 2) % interval == 0)  # no forced last step
@@ -100,15 +100,16 @@ def test_taylorseer_arithmetic_keeps_the_outputs_dtype(tiny_dit, dtype):
     method.state = method.State()
     g = torch.Generator().manual_seed(0)
     outputs, forecasts = {}, {}
-    for k in range(20):
-        method.begin_step(k)
+    for step in method.info.steps:  # the hooks' Step objects, as the engine hands them
+        k = step.k
+        method.begin_step(step)
         for block in range(BLOCKS):
             for branch in ("attn", "mlp"):
-                action = method.branch_action(k, block, branch)
+                action = method.branch_action(step, block, branch)
                 if isinstance(action, Compute):
                     out = (torch.randn(2, N_TOKENS, 32, generator=g) * (1 + k)).to(dtype)
                     outputs[(k, block, branch)] = out
-                    method.observe(k, block, branch, x=None, output=out, attention=None, rows=None)
+                    method.observe(step, block, branch, x=None, output=out, attention=None, rows=None)
                 else:
                     forecasts[(k, block, branch)] = action.output
     _, _, official = taylorseer_official(20, BLOCKS, 4, 4, features=lambda k, l, m: outputs[(k, l, m)])
@@ -124,10 +125,10 @@ def test_taylorseer_memory_and_overhead_at_official_settings(tiny_dit):
     assert resolved["full_steps"] == 18 and resolved["stored_factors"] == 4
     assert resolved["stored_values_per_row"] == resolved["peak_values_per_row"] == 4 * 2 * BLOCKS * N_TOKENS * 32
     terms = summary["overhead"]["taylor_terms"]["per_step"]
-    full = engine.method.full
+    full = engine.method.plan.full
     assert all((terms[k] == 0) == full[k] for k in range(50))
     # a Taylor step with m factors evaluates m terms per value of each branch output
-    held = engine.method.held
+    held = engine.method.plan.held
     assert all(terms[k] == held[k] * 2 * BLOCKS * N_TOKENS * 32 for k in range(50) if not full[k])
 
 
@@ -234,7 +235,7 @@ def test_duca_aggressive_step_returns_the_previous_last_block_output(family, tin
                      step_listener=engine.step_listener)
         finally:
             hook.remove()
-    types = method.types
+    types = method.plan.types
     aggressive = [k for k in range(50) if types[k][-1] == "aggressive"]
     assert 49 - 17 in [49 - k for k in aggressive]  # s = 32: block 0 full, the rest aggressive
     assert len(aggressive) == 9

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import TINY, calibration_file, randomize
-from tokencache.baselines.tokencache import _TokenRelaxation, adaptive_blocks, importance, tprr_schedule
+from tokencache.baselines._tokencache_predictor import _TokenRelaxation, importance
+from tokencache.baselines.tokencache import adaptive_blocks, tprr_schedule
 from tokencache.cache import SamplingSettings, attach, calibrate, get_method, load_calibration
 from tokencache.cache.calibration import read_calibration_file
 from tokencache.cache.engine import CacheEngine
@@ -195,7 +196,7 @@ def test_training_lowers_the_loss_and_writes_a_matching_file(tiny_dit, tmp_path)
 
 
 def test_percentile_steps_follow_the_cumulative_mass():
-    from tokencache.baselines.tokencache import percentile_steps
+    from tokencache.baselines._tokencache_v2 import percentile_steps
 
     flat = percentile_steps(torch.ones(12), 4)
     assert [s for s, f in enumerate(flat) if f] == [0, 2, 5, 8]  # uniform mass: evenly spread
@@ -205,7 +206,7 @@ def test_percentile_steps_follow_the_cumulative_mass():
 
 
 def test_block_budget_splits_one_global_ratio_by_the_scores():
-    from tokencache.baselines.tokencache import block_budget
+    from tokencache.baselines._tokencache_v2 import block_budget
 
     mean_alpha = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4], [0.5, 0.05, 0.05, 0.05]])
     assert block_budget(mean_alpha, 0.5) == [4, 1, 1]  # the 6 largest of 12: all of block 0, 0.4, 0.5
@@ -213,7 +214,7 @@ def test_block_budget_splits_one_global_ratio_by_the_scores():
 
 
 def test_v2_trains_an_input_dependent_predictor_and_uses_each_samples_scores(tiny_dit, tmp_path):
-    from tokencache.baselines.tokencache import load_predictor_network
+    from tokencache.baselines._tokencache_v2 import load_predictor_network
 
     method = get_method("tokencache", version=2)
     out = tmp_path / "v2.pt"
@@ -230,7 +231,7 @@ def test_v2_trains_an_input_dependent_predictor_and_uses_each_samples_scores(tin
     decide = v2.block_action
 
     def spy(step, block, inputs):
-        if block == 0 and not v2.full[step]:
+        if block == 0 and not v2.plan.full[step]:
             scores[step] = network(inputs.x, inputs.c)
         return decide(step, block, inputs)
 
