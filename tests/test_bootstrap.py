@@ -109,6 +109,7 @@ def test_intervals_are_recentred_and_paired_ones_are_narrower():
     assert bs.paired_interval(a, a) == [0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_evaluate_run_reports_intervals_kid_provenance(tmp_path):
     from tokencache.data.digits import digits_to_uint8, load_digits_dataset
     from tokencache.data.npz import save_samples_npz

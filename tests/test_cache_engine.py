@@ -291,6 +291,7 @@ def test_a_forecast_of_the_wrong_shape_is_refused(tiny_dit):
             sample(tiny_dit, [0], engine=engine)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host_sync", [True, False])
 def test_per_row_spans_are_exact_per_sample(tiny_dit, tiny_mdt, host_sync, monkeypatch):
     """Rows decide apart: at any batch size each sample's result is its own; with host_sync only the

@@ -47,6 +47,7 @@ def test_user_errors_are_one_line(capsys, argv, fragment, tmp_path, monkeypatch)
     assert err.startswith("tokencache: error:") and fragment in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_sample_end_to_end(tmp_path):
     ckpt = tmp_path / "tiny.pt"
     train_backbone(TrainConfig(model="DiT", overrides=TINY, steps=2, batch_size=4), ckpt, progress=False)

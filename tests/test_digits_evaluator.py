@@ -28,6 +28,7 @@ def _one_torch_thread():
         yield
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_held_out_accuracy_above_97_percent():
     saved = load_digits_evaluator(digits_evaluator_path(0))
     retrained = train_digits_evaluator(seed=0)

@@ -292,6 +292,7 @@ def test_latency_records_the_load_and_warns_when_busy(capsys, tmp_path, monkeypa
 # ------------------------------------------------------------------------------------- interrupts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_ends_on_its_own_line_and_leaves_no_file(tmp_path, sig):
     out = tmp_path / "s.npz"

@@ -66,6 +66,7 @@ def test_tf32_is_set_recorded_and_restored(tiny_dit):
     assert row["provenance"]["tf32_requested"] is None  # left as torch had it
 
 
+@pytest.mark.slow
 def test_compiled_branches_equal_eager_and_compile_once_for_all_blocks(tiny_dit):
     """Dynamo captures each branch once for all blocks (shapes go dynamic), samples are unchanged."""
     eager = {(name, b): sample(tiny_dit, name, params, b) for _, name, params in METHODS for b in (1, 3)}

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # run.sh may take its own 900 s
 def test_the_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     results, out = tmp_path / "results", tmp_path / "out"
     out.mkdir()

@@ -89,6 +89,7 @@ def sample(model, method, indices, batch_size, sampler=SAMPLER):
     return np.concatenate(images), engine
 
 
+@pytest.mark.slow  # with the other sampling one: ~170 s for 76 cases on a busy 2-core machine
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_a_sample_depends_only_on_its_seed_and_index(case, family, models, calibrations):
@@ -232,6 +233,7 @@ def _fvcore_macs(model, inputs) -> int:
     return count_macs(model, *inputs)
 
 
+@pytest.mark.slow  # with the other sampling one: ~170 s for 76 cases on a busy 2-core machine
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_macs_from_counts_equal_fvcore_on_the_traced_steps(case, family, models, calibrations):

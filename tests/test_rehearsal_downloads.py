@@ -43,6 +43,9 @@ OFFICIAL_VAE_KEYS = {"_class_name", "_diffusers_version", "act_fn", "block_out_c
                      "sample_size", "up_block_types"}
 REFERENCE_IMAGES = 4
 
+#: building the stand-ins (a module fixture most tests use) and the hub and shard runs take ~50 s in
+#: all on a busy 2-core machine: outside the inner loop, `pytest -m "not slow"`
+pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):

@@ -37,6 +37,7 @@ def test_shard_count_never_changes_results(tmp_path, method, params):
         merge_shards([str(paths[0]), str(paths[2])], str(tmp_path / "gap.npz"))
 
 
+@pytest.mark.slow
 def test_a_two_process_torchrun_sample_equals_one_process_byte_for_byte(tmp_path):
     """``torchrun --nproc_per_node 2 -m tokencache sample`` (gloo on the CPU): the same npz, the same counts."""
     import os

@@ -71,6 +71,7 @@ def partition_of(rule: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # slurm_local.sh may take its own 1800 s
 @pytest.mark.skipif(why_not_runnable() is not None, reason=str(why_not_runnable()))
 def test_slurm_profile_on_a_one_node_cluster(tmp_path):
     scratch = tmp_path / "slurm"

@@ -59,6 +59,7 @@ def test_training_lowers_the_loss(tmp_path):
     assert summary["final_loss"] < 0.8 * first
 
 
+@pytest.mark.slow
 def test_keep_freed_memory_removes_the_page_faults_of_a_forward():
     """The CLI's glibc setting: after one warm-up forward, later forwards touch (almost) no new pages."""
     import json

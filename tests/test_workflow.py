@@ -26,6 +26,10 @@ ABLATION = {"abl-random": {"method": "tokencache:predictor=auto,token_choice=ran
 PLUGIN_RUN = {"every-other": {"method": "every-other:interval=2", "models": ["DiT-digits"]}}
 PLOTS = ["pareto_macs", "pareto_latency", "macs_vs_fid", "token_fraction", "calibration", "samples_grid"]
 
+#: every test here but two runs Snakemake (5-180 s each on a busy 2-core machine; the smoke run is a
+#: module fixture): the whole file is outside the inner loop, `pytest -m "not slow"`
+pytestmark = pytest.mark.slow
+
 
 def script(name: str):
     """A module of workflow/scripts/ (they run under Snakemake, and import as plain modules too)."""
