@@ -99,10 +99,15 @@ def generate(model: nn.Module, sampler: Sampler | str, labels: torch.Tensor, gen
     """Sample ``len(labels)`` images (in the model's space, [-1, 1] for pixels) with one loop.
 
     ``step_listener(step_index, num_steps)`` is told each step before the model runs (the
-    caching engine's clock). ``clip_denoised`` clamps each predicted x_0 to [-1, 1]: off for
+    caching engine's clock; when it is a bound method of an object with ``bind_samples``, as
+    :meth:`tokencache.cache.CacheEngine.step_listener` is, that object is first told the
+    samples' ``generators``, whose seeds a method's own random draws derive from). ``clip_denoised`` clamps each predicted x_0 to [-1, 1]: off for
     latent models (DiT's ``sample.py``), on for pixel models (ADM). Returns x_0 (B, C, H, W).
     """
     sampler = parse_sampler(sampler) if isinstance(sampler, str) else sampler
+    bind = getattr(getattr(step_listener, "__self__", None), "bind_samples", None)
+    if bind is not None:  # an engine's clock: its method may draw from per-sample streams
+        bind(generators)
     diffusion = diffusion or sampler.diffusion()
     device = next(model.parameters()).device
     shape = (len(labels), model.in_channels, model.input_size, model.input_size)

@@ -7,11 +7,13 @@ Branch actions (the answer to ``branch_action(step, block, branch)``):
   this step's gate); ``Reuse(rows=mask)`` reuses only in the batch rows where ``mask`` is True
   and computes the others;
 * :class:`Subset` — recompute the tokens ``tokens`` (B, k) of each row and scatter them into the
-  stored output;
+  stored output, or (``finish``) hand the recomputed tokens to the method, which returns the
+  whole output;
 * :class:`Blend` — ``stored·(1 − w) + fresh·w`` with a differentiable ``w`` (the relaxations
   that train Learning-to-Cache's router and TokenCache's predictor);
 * :class:`Forecast` — use an output the method computed itself (TaylorSeer's Taylor series); the
-  engine stores it like a computed output and counts no token.
+  engine stores it like a computed output and counts no token; ``Forecast(output, rows=mask)``
+  uses it only in the rows where ``mask`` is True and computes the others.
 
 Span action (the answer to ``block_action(step, block, inputs)``; ``None`` runs the block):
 
@@ -29,7 +31,7 @@ mask and compute only the rows that need it (one synchronisation per decision).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -63,9 +65,15 @@ class Subset:
 
     Every row recomputes the same number k of tokens (a batched computation costs k per row
     whatever a row would have needed), so the engine counts k per row.
+
+    ``finish``: a callable ``finish(fresh) → output``. The engine computes the branch for the
+    tokens only, ``fresh`` (B, k, D), and the method turns it into the whole output (B, N, D)
+    (e.g. a forecast refreshed at those tokens and spread to others); the engine stores and
+    returns that output, needs nothing stored before, and counts k tokens per row.
     """
 
     tokens: torch.Tensor
+    finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 @dataclass(frozen=True)
@@ -87,9 +95,15 @@ class Forecast:
     The engine stores it (a copy under CUDA graphs, like any stored output), counts no token
     for the branch (the model computed nothing) and returns it to the block, which gates it
     with this step's gate. The method counts the arithmetic of its forecast as overhead.
+
+    ``rows`` (bool (B,)): use the forecast only in the rows where it is True; the other rows
+    compute the branch (only those rows when the method declares ``host_sync``, else every row,
+    the forecast selected per row), and ``observe`` is told about the computed rows (``rows``
+    their indices, or None when every row was computed).
     """
 
     output: torch.Tensor
+    rows: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

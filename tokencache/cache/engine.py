@@ -79,10 +79,11 @@ class BlockInput:
     a sample's rows groups them with :meth:`sample_view`.
     """
 
-    __slots__ = ("x", "_call", "rows_per_sample")
+    __slots__ = ("x", "_call", "rows_per_sample", "_engine", "_index")
 
-    def __init__(self, x: torch.Tensor, call, rows_per_sample: int = 1):
+    def __init__(self, x: torch.Tensor, call, rows_per_sample: int = 1, engine=None, index: int = 0):
         self.x, self._call, self.rows_per_sample = x, call, rows_per_sample
+        self._engine, self._index = engine, index
 
     @property
     def c(self) -> torch.Tensor:
@@ -94,6 +95,17 @@ class BlockInput:
     def sample_view(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (B, …) as (samples, rows_per_sample · …): each sample's rows side by side, in row order."""
         return sample_view(t, self.rows_per_sample)
+
+    def shadow(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run this block in full on ``x`` (every branch on every token) and return its output,
+        which only the method sees: nothing is stored, no hook is asked, and the block then runs
+        as the method decides. ``rows`` (int64 indices): only those batch rows (the output has
+        their rows). Its tokens and the block run are counted as computed (real work); a
+        verification against a forecast (SpeCa) is its use.
+        """
+        if self._engine is None:
+            raise RuntimeError("shadow() needs the engine that asked for this block")
+        return self._engine._shadow_block(self._index, self._call, self.x, rows)
 
 
 def sample_view(t: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
@@ -157,8 +169,12 @@ class CacheEngine:
         #: rows per sample in the model call running now (2 inside a CFG forward, see BlockInput)
         self.rows_per_sample = 1
         self._observe = getattr(method, "observe", None)
+        self._observe_block = getattr(method, "observe_block", None)
+        self._shadow = False  # a shadow computation of a block is running (BlockInput.shadow)
+        self._pending_seeds: Optional[tuple] = None  # the next generation's sample seeds (bind_samples)
         self._asks_blocks = type(method).block_action is not CacheMethod.block_action
         method._record = self._count_overhead
+        method._host_read = self._count_host_read
         method.setup(self.info)
         self.attached = False
         #: Store copies of branch outputs instead of the outputs themselves. Needed when the
@@ -194,6 +210,13 @@ class CacheEngine:
         self.step = -1
         self.method.state = self.method.State() if self.method.State is not None else None
 
+    def bind_samples(self, generators) -> None:
+        """Tell the engine the generators of the next generation's samples (one per sample, in
+        batch order); :func:`~tokencache.sampling.generate` does this for a listener that is an
+        engine's :meth:`step_listener`. The method sees their initial seeds as ``sample_seeds``
+        during that generation (None in a generation not told)."""
+        self._pending_seeds = tuple(int(g.initial_seed()) for g in generators)
+
     def step_listener(self, step: int, num_steps: int) -> None:
         """The sampling loop's clock (``generate(..., step_listener=engine.step_listener)``)."""
         if num_steps != self.num_steps:
@@ -210,6 +233,7 @@ class CacheEngine:
             raise ValueError(f"step {step} outside 0…{self.num_steps - 1}")
         if step == 0:
             self.reset()
+            self.method.sample_seeds, self._pending_seeds = self._pending_seeds, None
         step = self.steps[step]
         self.step = step
         self.record.steps_run = max(self.record.steps_run, step + 1)
@@ -227,11 +251,14 @@ class CacheEngine:
             self._batch = self.record.rows = int(x.shape[0])
         span = self._span
         if span is None or not span.start < index <= span.end:
-            action = (self.method.block_action(self.step, index, BlockInput(x, call, self.rows_per_sample))
+            action = (self.method.block_action(self.step, index, BlockInput(x, call, self.rows_per_sample, self, index))
                       if self._asks_blocks else None)
             if action is None:
                 self.record.add_block(self.step, index, x.shape[0])
-                return call(x)
+                out = call(x)
+                if self._observe_block is not None:
+                    self._observe_block(self.step, index, out)
+                return out
             if not isinstance(action, Span) or action.start != index or action.end < action.start:
                 raise TypeError(f"{self.method.name}: block_action at block {index} returned {action!r}; expected None "
                                 f"or a Span starting at block {index}")
@@ -239,7 +266,25 @@ class CacheEngine:
         out = self._span_block(span, index, call, x)
         if index == span.end:
             self._span = None
+        if self._observe_block is not None:
+            self._observe_block(self.step, index, out)
         return out
+
+    def _shadow_block(self, index: int, call, x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`BlockInput.shadow`: the block in full, every branch computed and nothing kept."""
+        if self._shadow or self._rows is not None:
+            raise RuntimeError(f"{self.method.name}: a shadow computation inside another or inside a row split")
+        self._shadow = True
+        try:
+            if rows is None:
+                self.record.add_block(self.step, index, x.shape[0])
+                return call(x)
+            self.record.add_block(self.step, index, rows.numel())
+            self._rows = rows
+            return call(x.index_select(0, rows), rows)
+        finally:
+            self._shadow = False
+            self._rows = None
 
     def _begin_span(self, action: Span, x: torch.Tensor) -> _ActiveSpan:
         if action.keep not in ("residual", "output"):
@@ -307,6 +352,9 @@ class CacheEngine:
 
     def branch(self, block: int, name: str, fn, x: torch.Tensor) -> torch.Tensor:
         self._check_step()
+        if self._shadow:  # BlockInput.shadow: computed for the method's eyes only
+            self.record.add_tokens(self.step, block, _BRANCH_INDEX[name], self.num_tokens, x.shape[0])
+            return fn(x)
         if self._rows is None:
             self._batch = self.record.rows = int(x.shape[0])
         action = self.method.branch_action(self.step, block, name)
@@ -333,12 +381,14 @@ class CacheEngine:
                 return self._get(key, x, what)
             return self._reuse_rows(block, name, key, fn, x, action.rows)
         if isinstance(action, Subset):
-            return self._subset(block, name, key, fn, x, action.tokens)
+            return self._subset(block, name, key, fn, x, action.tokens, action.finish)
         if isinstance(action, Forecast):  # the whole batch's forecast; stored like a computed output
             out = action.output
             if out.shape[0] != self._batch or out.shape[1:] != x.shape[1:]:
                 raise RuntimeError(f"{self.method.name}: forecast of the {what} has shape {tuple(out.shape)}, the "
                                    f"batch {self._batch} × {tuple(x.shape[1:])}")
+            if action.rows is not None:
+                return self._forecast_rows(block, name, key, fn, x, out, action.rows)
             self._put(key, out, all_rows=True)
             return out if self._rows is None else out.index_select(0, self._rows)
         if isinstance(action, Blend):
@@ -377,13 +427,60 @@ class CacheEngine:
         self.record.add_tokens(self.step, block, key[1], self.num_tokens, compute.numel())
         return out
 
-    def _subset(self, block: int, name: str, key, fn, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        stored = self._get(key, x, f"{name} output of block {block}")
+    def _forecast_rows(self, block: int, name: str, key, fn, x: torch.Tensor, forecast: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """``Forecast(output, rows=mask)``: the forecast where ``mask`` (over the whole batch) is True, the
+        branch computed in the other rows."""
+        if self._rows is not None:
+            raise RuntimeError(f"{self.method.name}: Forecast with rows inside a row split is not supported")
+        mask = mask.to(torch.bool).reshape(-1)
+        if mask.shape[0] != self._batch:
+            raise ValueError(f"{self.method.name}: Forecast rows mask has {mask.shape[0]} rows, the batch {self._batch}")
+        if not self.method.host_sync:  # every row computed, the forecast selected per row
+            fresh = fn(x)
+            out = torch.where(mask.view(-1, 1, 1), forecast, fresh)
+            self._put(key, out)
+            self.record.add_tokens(self.step, block, key[1], self.num_tokens, x.shape[0])
+            self._observed(block, name, x, fresh, None)
+            return out
+        split = self._host_rows(mask)
+        if split is None:
+            if bool(mask[0]):
+                self._put(key, forecast)
+                return forecast
+            compute = torch.arange(x.shape[0], device=x.device)
+            fresh = fn(x)
+            out = fresh
+        else:
+            compute = split[1]
+            fresh = fn(x.index_select(0, compute), rows=compute)
+            out = forecast.index_copy(0, compute, fresh)
+        self._put(key, out)
+        self.record.add_tokens(self.step, block, key[1], self.num_tokens, compute.numel())
+        if self._observe is not None:
+            self._observe(self.step, block, name, x=x.index_select(0, compute), output=fresh, attention=None,
+                          rows=None if split is None else compute)
+        return out
+
+    def _subset(self, block: int, name: str, key, fn, x: torch.Tensor, tokens: torch.Tensor,
+                finish=None) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.shape[0] not in (1, x.shape[0]) or tokens.dtype != torch.int64:
             raise ValueError(f"{self.method.name}: Subset tokens must be int64 (batch {x.shape[0]} or 1, k), "
                              f"got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[0] != x.shape[0]:
             tokens = tokens.expand(x.shape[0], -1)
+        if finish is not None:  # the method turns the recomputed tokens into the whole output
+            if self._rows is not None:
+                raise RuntimeError(f"{self.method.name}: Subset with finish inside a row split is not supported")
+            fresh = fn(x, tokens=tokens)
+            out = finish(fresh)
+            if out.shape != x.shape[:2] + fresh.shape[2:]:
+                raise RuntimeError(f"{self.method.name}: Subset finish returned {tuple(out.shape)} for the "
+                                   f"{name} output of block {block}, expected {tuple(x.shape[:2] + fresh.shape[2:])}")
+            self._put(key, out)
+            self.record.add_tokens(self.step, block, key[1], tokens.shape[1], x.shape[0])
+            return out
+        stored = self._get(key, x, f"{name} output of block {block}")
         fresh = fn(x, tokens=tokens)
         index = tokens.unsqueeze(-1).expand(-1, -1, stored.shape[-1])
         in_place = self._rows is None and not (torch.is_grad_enabled() and (fresh.requires_grad or stored.requires_grad))
@@ -450,6 +547,9 @@ class CacheEngine:
         if self.step < 0:
             raise RuntimeError("the cache engine was not told the step: pass step_listener=engine.step_listener "
                                "to generate (or call engine.begin_step)")
+
+    def _count_host_read(self) -> None:
+        self.record.host_syncs += 1
 
     def _count_overhead(self, name: str, amount: int) -> None:
         self.record.add_overhead(max(self.step, 0), name, amount)

@@ -130,7 +130,16 @@ class CacheMethod:
     * ``observe(step, block, branch, *, x, output, attention, rows)`` — after a branch was
       computed (fully or partly); ``output`` is the stored tensor (keep it only if you clone it
       or the engine stores it), ``rows`` the batch rows computed (None: all). Looked up only
-      when a subclass defines it, so methods that need nothing pay nothing.
+      when a subclass defines it, so methods that need nothing pay nothing;
+    * ``observe_block(step, block, output)`` — after a block ran (or a span handed its output
+      on), with the block's output (B, N, D) as the next block receives it; looked up the same way.
+
+    Per generation the engine also sets ``sample_seeds``: the seed of each sample of the batch
+    (its ``(seed, index)`` generator's initial seed, in sample order) when the sampling loop
+    told it the samples' generators (:func:`tokencache.sampling.generate` does), else None. A
+    method that draws random numbers derives its own per-sample streams from them, so that its
+    draws never depend on the batch. A method that reads a device value on the host uses
+    :meth:`to_host`, which counts the read (``host_syncs``).
     """
 
     name: ClassVar[str] = ""
@@ -143,6 +152,9 @@ class CacheMethod:
     traced_overhead: ClassVar[tuple] = ()
     variants: ClassVar[tuple] = ()
     _record: Optional[Callable[[str, int], None]] = None
+    _host_read: Optional[Callable[[], None]] = None
+    #: the seeds of this generation's samples (see the class doc), or None
+    sample_seeds: Optional[tuple] = None
     #: the model and sampler attached to, the plan derived from them, this generation's state
     #: (all None until the engine sets them; instance attributes, never dataclass fields)
     info: Optional[ModelInfo] = None
@@ -201,6 +213,12 @@ class CacheMethod:
         """Add ``amount`` (per batch row) to the overhead counter ``name`` of the current step."""
         if self._record is not None:
             self._record(name, amount)
+
+    def to_host(self, value):
+        """``value.tolist()`` (a device tensor read on the host), counted as one host synchronisation."""
+        if self._host_read is not None:
+            self._host_read()
+        return value.tolist()
 
     def params(self) -> dict:
         """The parameter values, JSON-serialisable."""
