@@ -1,4 +1,4 @@
-"""``clusca``: ClusCa, cluster-driven feature caching (Zheng et al., ICCV 2025; Shenyi-Z/Cache4Diffusion @
+"""``clusca``: ClusCa, cluster-driven feature caching (Zheng et al., 2025; Shenyi-Z/Cache4Diffusion @
 91a1949fcc88acab46547f0b5f295f5de2df2870, ``dit/clusca-dit/``).
 
 The official DiT code's rules, file:line at that commit (paths under ``dit/clusca-dit/``; s = the

@@ -225,3 +225,111 @@ def test_clusca_overhead_counts(tiny_dit):
     draws = overhead["token_draws"]["per_step"]
     assert all(draws[k] == (0 if full[k] else BLOCKS * N_TOKENS) for k in range(10))
     assert summary["overhead_prices"]["token_draws"] == 4
+
+
+# ----------------------------------------------------------------------------------------- SpeCa
+
+from official_rules import speca_decisions, speca_error, speca_taylor  # noqa: E402
+
+#: a constant threshold between the tiny model's errors, so that samples disagree
+MIXED = dict(base_threshold=1.2, decay_rate=1.0, min_threshold=0.0, max_taylor_steps=8)
+
+
+class SpeCaSpy:
+    def __init__(self, method):
+        self.method = method
+        self.outputs, self.forecasts, self.verified = {}, {}, {}
+        observe, observe_block, decide = method.observe, method.observe_block, method.branch_action
+
+        def spy_observe(step, block, branch, **kw):
+            self.outputs[(int(step), block, branch)] = kw["output"].clone()
+            observe(step, block, branch, **kw)
+
+        def spy_observe_block(step, block, output):
+            if method.state.shadow is not None:
+                self.verified[int(step)] = (output.clone(), method.state.shadow.clone())
+            observe_block(step, block, output)
+
+        def spy_decide(step, block, branch):
+            action = decide(step, block, branch)
+            if isinstance(action, Forecast):
+                self.forecasts[(int(step), block, branch)] = action.output.clone()
+            return action
+
+        method.observe, method.observe_block, method.branch_action = spy_observe, spy_observe_block, spy_decide
+
+
+@pytest.mark.parametrize("sampler, params", [
+    ("ddim50", {}),
+    ("ddim30", MIXED),
+    ("ddim30", dict(MIXED, error_metric="l1", base_threshold=4.5)),
+    ("ddim20", dict(MIXED, error_metric="l2", base_threshold=6.0, min_taylor_steps=1, max_taylor_steps=3)),
+    ("ddim20", dict(MIXED, error_metric="relative_l2", base_threshold=1.5, max_order=2)),
+    ("ddpm12", dict(MIXED, taylor_after_full=False)),
+])
+def test_speca_end_to_end_equals_the_transcription(tiny_dit, sampler, params):
+    """One sample (its two CFG rows): decisions, errors and forecasts as the official code computes them."""
+    steps = parse_sampler(sampler).steps
+    method = get_method("speca", **params)
+    spy = SpeCaSpy(method)
+    _, engine = run(tiny_dit, method, sampler, [1])
+    history = method.state.history
+    errors = {h["step"]: h["error"][0] for h in history if h["verify"][0]}
+    if params.get("taylor_after_full") is False:  # the alternative (not official): the warm-up's 3 steps full
+        assert [h["kinds"][0] for h in history][:4] == ["full", "full", "full", "Taylor"]
+        return
+    types, verified, thresholds = speca_decisions(
+        steps, errors, method.base_threshold, method.decay_rate, method.min_taylor_steps, method.max_taylor_steps)
+    # (the transcription's 0.01 floor is below the constant thresholds of the MIXED cases)
+    assert [h["threshold"] for h in history] == [max(t, method.min_threshold) for t in thresholds]
+    assert [h["kinds"][0] for h in history] == types
+    assert [h["verify"][0] for h in history] == verified
+    assert set(spy.verified) == {k for k, v in enumerate(verified) if v}
+    for k, (forecast, full) in spy.verified.items():
+        assert errors[k] == pytest.approx(speca_error(forecast, full, method.error_metric), rel=1e-5), k
+    # counts: full steps every token, Taylor steps none; a verified step runs the last block in
+    # shadow (recorded apart, priced as the overhead verification_tokens)
+    counts, record = engine.counts, engine.record
+    verification = engine.summary()["overhead"].get("verification_tokens", {"per_step": [0] * steps})["per_step"]
+    for k, kind in enumerate(types):
+        assert (counts[k] == (N_TOKENS if kind == "full" else 0)).all()
+        assert (record.shadow_token_sums[k, -1] == (2 * N_TOKENS if verified[k] else 0)).all()
+        assert (record.shadow_token_sums[k, :-1] == 0).all()
+        assert verification[k] == (N_TOKENS if verified[k] else 0)
+    # forecasts: the official Taylor factors (first_enhance 3, activated [T − 1]) of the computed outputs
+    for block in range(BLOCKS):
+        for branch in ("attn", "mlp"):
+            _, official = speca_taylor(types, steps, method.max_order,
+                                       features=lambda k: spy.outputs[(k, block, branch)])
+            for k, value in official.items():
+                assert torch.equal(spy.forecasts[(k, block, branch)], value), (k, block, branch)
+    assert sum(t == "Taylor" for t in types) > 0
+
+
+def test_speca_default_run_lengths_and_metrics():
+    assert get_method("speca").error_metric == "relative_l1"
+    for metric in ("cosine_similarity", "all"):  # crash in the official code: not offered
+        with pytest.raises(ValueError):
+            get_method("speca", error_metric=metric)
+    # all errors small: full at k = 0, 2, 8, 14, …; all large: k = 0, 2, 6, 10, …
+    small, _, _ = speca_decisions(50, lambda k: 0.0)
+    large, _, _ = speca_decisions(50, lambda k: 1.0)
+    assert [k for k, t in enumerate(small) if t == "full"][:4] == [0, 2, 8, 14]
+    assert [k for k, t in enumerate(large) if t == "full"][:4] == [0, 2, 6, 10]
+
+
+@pytest.mark.parametrize("params", [MIXED, dict(MIXED, error_metric="l1", base_threshold=4.5)])
+def test_speca_samples_decide_alone(tiny_dit, params):
+    """Each sample of a batch follows the schedule it follows alone; images byte-identical."""
+    alone, histories = [], []
+    for i in range(4):
+        method = get_method("speca", **params)
+        x, _ = run(tiny_dit, method, "ddim30", [i])
+        alone.append(x)
+        histories.append([h["kinds"][0] for h in method.state.history])
+    method = get_method("speca", **params)
+    together, engine = run(tiny_dit, method, "ddim30", range(4))
+    assert torch.equal(torch.cat(alone), together)
+    assert [[h["kinds"][i] for h in method.state.history] for i in range(4)] == histories
+    assert len({tuple(h) for h in histories}) > 1  # the samples really disagree somewhere
+    assert engine.summary()["host_syncs"] > 0

@@ -100,3 +100,68 @@ def test_to_host_counts_a_synchronisation(tiny_dit):
     method._host_read = lambda: counted.append(1)
     method.to_host(torch.tensor([True]))
     assert counted == [1]
+
+
+@dataclass
+class ShadowForecaster(CacheMethod):
+    """Step 0 computes; later, rows 0 and 2 take the stored step-0 output as a forecast and the
+    others compute; the last block is also run in shadow for row 1."""
+
+    name = "test-shadow-forecaster"
+    host_sync = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.kept, self.shadows, self.observed = {}, [], []
+
+    def block_action(self, step, block, inputs):
+        if block == TINY["depth"] - 1 and step > 0:
+            self.shadows.append((inputs.x.clone(), inputs.shadow(rows=torch.tensor([1]))))
+        return None
+
+    def branch_action(self, step, block, branch):
+        if step == 0:
+            return COMPUTE
+        mask = torch.tensor([True, False, True, False])
+        return Forecast(self.kept[(block, branch)], rows=mask)
+
+    def observe(self, step, block, branch, *, x, output, attention, rows):
+        self.observed.append((int(step), None if rows is None else rows.tolist()))
+        if step == 0:
+            self.kept[(block, branch)] = output.clone()
+
+
+def test_forecast_rows_and_shadow(tiny_dit):
+    method = ShadowForecaster()
+    x, engine = sample(tiny_dit, method)
+    record = engine.record
+    # rows 1 and 3 computed on later steps: half the tokens per row, observed for those rows only
+    assert (engine.counts[1:] == 8).all() and (engine.counts[0] == 16).all()
+    assert all(rows == [1, 3] for step, rows in method.observed if step > 0)
+    # the shadow: one row of the last block per later step, apart from the model's counts
+    assert (record.shadow_token_sums[1:, -1] == 16).all() and record.shadow_token_sums[:, :-1].sum() == 0
+    assert (record.shadow_block_sums[1:, -1] == 1).all() and (engine.blocks_run == 1).all()
+    assert engine.summary()["host_syncs"] > 0
+    # the shadow output has row 1 only, and the images equal a run without the shadow
+    x_in, shadow = method.shadows[0]
+    assert shadow.shape == (1,) + x_in.shape[1:]
+    plain = ShadowForecaster()
+    type(plain).block_action = CacheMethod.block_action
+    try:
+        y, _ = sample(tiny_dit, plain)
+    finally:
+        type(plain).block_action = ShadowForecaster.block_action
+    assert torch.equal(x, y)
+
+
+def test_forecast_rows_without_host_sync_selects_per_row(tiny_dit):
+    """Without host_sync every row is computed, the forecast kept where the mask says, and observe sees all rows."""
+    method = ShadowForecaster()
+    method.host_sync = False
+    type(method).block_action = CacheMethod.block_action
+    try:
+        _, engine = sample(tiny_dit, method)
+    finally:
+        type(method).block_action = ShadowForecaster.block_action
+    assert (engine.counts == 16).all()
+    assert all(rows is None for _, rows in method.observed)

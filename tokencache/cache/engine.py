@@ -100,8 +100,9 @@ class BlockInput:
         """Run this block in full on ``x`` (every branch on every token) and return its output,
         which only the method sees: nothing is stored, no hook is asked, and the block then runs
         as the method decides. ``rows`` (int64 indices): only those batch rows (the output has
-        their rows). Its tokens and the block run are counted as computed (real work); a
-        verification against a forecast (SpeCa) is its use.
+        their rows). Its tokens and block runs are recorded apart (``record.shadow_token_sums``,
+        ``shadow_block_sums``), not in the counts of the model's output: the method prices the
+        work as its overhead. A verification against a forecast is its use.
         """
         if self._engine is None:
             raise RuntimeError("shadow() needs the engine that asked for this block")
@@ -277,9 +278,9 @@ class CacheEngine:
         self._shadow = True
         try:
             if rows is None:
-                self.record.add_block(self.step, index, x.shape[0])
+                self.record.shadow_block_sums[self.step, index] += int(x.shape[0])
                 return call(x)
-            self.record.add_block(self.step, index, rows.numel())
+            self.record.shadow_block_sums[self.step, index] += int(rows.numel())
             self._rows = rows
             return call(x.index_select(0, rows), rows)
         finally:
@@ -353,7 +354,7 @@ class CacheEngine:
     def branch(self, block: int, name: str, fn, x: torch.Tensor) -> torch.Tensor:
         self._check_step()
         if self._shadow:  # BlockInput.shadow: computed for the method's eyes only
-            self.record.add_tokens(self.step, block, _BRANCH_INDEX[name], self.num_tokens, x.shape[0])
+            self.record.shadow_token_sums[self.step, block, _BRANCH_INDEX[name]] += self.num_tokens * int(x.shape[0])
             return fn(x)
         if self._rows is None:
             self._batch = self.record.rows = int(x.shape[0])

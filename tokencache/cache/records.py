@@ -36,6 +36,11 @@ class Record:
         self.block_sums = np.zeros((num_steps, block_count), dtype=np.int64)
         self.branch_row_sums = np.zeros((num_steps, block_count, 2), dtype=np.int64)
         self.overhead: dict[str, np.ndarray] = {}
+        #: tokens and block runs of shadow computations (a block run for the method's eyes only,
+        #: ``BlockInput.shadow``): real work, kept apart from the counts the model's output needed
+        #: and priced by the method as overhead
+        self.shadow_token_sums = np.zeros((num_steps, block_count, 2), dtype=np.int64)
+        self.shadow_block_sums = np.zeros((num_steps, block_count), dtype=np.int64)
         self.rows = 0
         self.steps_run = 0
         self.host_syncs = 0
