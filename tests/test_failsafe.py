@@ -245,13 +245,13 @@ def test_quiet_means_no_progress_bars(samples, capsys):
     assert quiet == "" and "digits features" in loud
 
 
-def test_threads_default_to_the_available_cpus(monkeypatch, tiny_ckpt, tmp_path):
+def test_threads_default_to_the_idle_cpus(monkeypatch, tiny_ckpt, tmp_path):
     import torch
 
     import tokencache.provenance as provenance
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(provenance, "available_cpus", lambda: 3)
+    monkeypatch.setattr(provenance, "idle_cpus", lambda: 3)
     assert main(["sample", "--checkpoint", tiny_ckpt, "--num-samples", "1", "--sampler", "ddim2", "--quiet",
                  "--out", str(tmp_path / "s.npz")]) == 0
     assert torch.get_num_threads() == 3
@@ -266,6 +266,40 @@ def test_threads_default_to_the_available_cpus(monkeypatch, tiny_ckpt, tmp_path)
     assert main(["sample", "--checkpoint", tiny_ckpt, "--num-samples", "1", "--sampler", "ddim2", "--quiet",
                  "--out", str(tmp_path / "s.npz")]) == 0
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("available, ticks, idle", [
+    (4, [(100, 400), (180, 480)], 4),   # every CPU idle through the window
+    (4, [(100, 400), (140, 480)], 2),   # half of the time idle: two CPUs busy
+    (4, [(100, 400), (100, 480)], 1),   # all busy: still one thread
+    (2, [(100, 400), (180, 480)], 2),   # the affinity mask caps it
+])
+def test_idle_cpus_counts_the_cpus_no_one_is_using(monkeypatch, available, ticks, idle):
+    """The default thread count: the share of idle time of all CPUs over a short window, times the
+    CPU count, capped by what this process may use, at least one."""
+    import tokencache.provenance as provenance
+
+    readings = iter(ticks)
+    monkeypatch.setattr(provenance, "cpu_times", lambda: next(readings))
+    monkeypatch.setattr(provenance, "available_cpus", lambda: available)
+    monkeypatch.setattr(provenance.os, "cpu_count", lambda: 4)
+    assert provenance.idle_cpus(window_s=0) == idle
+
+
+def test_idle_cpus_sees_a_busy_process():
+    """On this machine: a spinning process takes one CPU away from the default (needs ≥ 2 CPUs)."""
+    import tokencache.provenance as provenance
+
+    if provenance.available_cpus() < 2 or not os.path.exists("/proc/stat"):
+        pytest.skip("needs two CPUs and /proc/stat")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        busy = min(provenance.idle_cpus(window_s=0.5) for _ in range(3))
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy <= provenance.available_cpus() - 1
 
 
 def test_every_compute_command_takes_threads():

@@ -5,7 +5,7 @@ machine-readable result; a mistake in the input or the environment (a bad argume
 that is not what it should be, an output folder that cannot be written, a full disk) ends with
 one line ``tokencache: error: …`` naming the fix (exit 2) instead of a traceback, and is caught
 before the long work where it can be. Compute commands take ``--threads`` (default: the CPUs
-available to the process).
+available to the process that are idle when it starts).
 """
 from __future__ import annotations
 
@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in COMPUTE_COMMANDS:
             p.add_argument("--threads", type=int, default=None,
                            help="CPU threads of torch and of NumPy's BLAS (default: $OMP_NUM_THREADS if set, "
-                                "else the CPUs available to this process)")
+                                "else the CPUs available to this process that no other process is "
+                                "using at the start)")
         p.set_defaults(fn=fn)
         return p
 
@@ -658,14 +659,16 @@ def set_threads(threads) -> int:
     """Set torch's CPU threads; return the number.
 
     Default: ``OMP_NUM_THREADS`` when set (a scheduler's or the workflow's choice), else the CPUs
-    available to this process (affinity mask, cgroup quota), not torch's guess from the machine.
+    available to this process (affinity mask, cgroup quota) that no other process is using now
+    (:func:`tokencache.provenance.idle_cpus`): a thread that shares its core with another process
+    holds up the others, so threads on busy cores are slower than one thread.
     """
     import torch
 
-    from tokencache.provenance import available_cpus
+    from tokencache.provenance import idle_cpus
 
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    threads = threads or (int(env) if env.isdigit() and int(env) > 0 else available_cpus())
+    threads = threads or (int(env) if env.isdigit() and int(env) > 0 else idle_cpus())
     torch.set_num_threads(threads)
     limit_blas_threads(threads)
     return threads

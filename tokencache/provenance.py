@@ -5,8 +5,12 @@ widest vector ISA the CPU has, oneDNN and MKL pick theirs too), the thread count
 split) and the library versions. :func:`provenance` records all of that with every run, metrics
 and latency JSON, so two results that differ can be told apart by what differs.
 
-:func:`available_cpus` is what ``--threads`` defaults to: the CPUs this process may run on
-(affinity mask, cgroup CPU quota), not the machine's count.
+:func:`idle_cpus` is what ``--threads`` defaults to: of the CPUs this process may run on
+(:func:`available_cpus`: affinity mask, cgroup CPU quota), those no other process is using at the
+start. Torch's threads wait for each other at every operation, so one thread that shares its core
+with another process slows all of them (1.6–1.9× slower than one thread with one or two busy
+processes on two cores, ``workflow/scripts/threads_benchmark.py``), while on idle cores more
+threads pay off even for the digits testbed's models.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +39,30 @@ def available_cpus() -> int:
     if quota is not None:
         count = min(count, max(1, math.ceil(quota)))
     return max(1, count)
+
+
+def cpu_times() -> tuple[int, int]:
+    """(idle, total) time of all CPUs since boot, in clock ticks (``/proc/stat``'s first line:
+    idle + iowait, and user … steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def idle_cpus(window_s: float = 0.2) -> int:
+    """CPUs of this process's share that no other process is using right now, at least 1.
+
+    Measured from ``/proc/stat`` over ``window_s`` (the share of idle time of all CPUs, times the
+    CPU count), not from the load average, which lags by a minute. Elsewhere than Linux: all
+    :func:`available_cpus`.
+    """
+    try:
+        idle0, total0 = cpu_times()
+        time.sleep(window_s)
+        idle1, total1 = cpu_times()
+    except (OSError, ValueError, IndexError):
+        return available_cpus()
+    share = (idle1 - idle0) / max(1, total1 - total0)
+    return max(1, min(available_cpus(), round(share * (os.cpu_count() or 1))))
 
 
 def _cgroup_quota() -> Optional[float]:
