@@ -40,27 +40,15 @@ COMPUTE_COMMANDS = {"train-backbone", "sample", "calibrate", "train-evaluator",
 
 def parse_overrides(items: list[str]) -> dict:
     """``["hidden_size=64", "learn_sigma=false"]`` → {"hidden_size": 64, "learn_sigma": False}."""
+    from tokencache.models.registry import parse_override_value
+
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"expected key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip()] = _parse_value(raw.strip())
+        out[key.strip()] = parse_override_value(raw.strip())
     return out
-
-
-def _parse_value(raw: str):
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def _emit(result: dict, as_json: bool, human: str) -> None:

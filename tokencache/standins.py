@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from tokencache.io import write_atomic
+from tokencache.models.registry import parse_override_value
 
 #: the official checkpoints a stand-in is made for (the paper configuration's 256-px backbones)
 STANDIN_CHECKPOINTS = ("DiT-XL-2-256x256.pt", "mdt_xl2_v2_ckpt.pt")
@@ -112,22 +113,8 @@ def parse_model_sets(items: list[str]) -> dict[str, dict]:
                              f"{', '.join(sorted(presets))}")
         for pair in pairs:
             key, raw = (x.strip() for x in pair.split("=", 1))
-            sets.setdefault(preset, {})[key] = _typed(raw)
+            sets.setdefault(preset, {})[key] = parse_override_value(raw)
     return sets
-
-
-def _typed(raw: str):
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def checkpoint_overrides(filename: str, model_set: Optional[dict] = None) -> tuple[str, dict]:

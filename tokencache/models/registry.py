@@ -64,6 +64,22 @@ def resolve(name: str, **overrides) -> tuple[str, dict]:
     return family, kw
 
 
+def parse_override_value(raw: str):
+    """A constructor keyword's value as typed on a command line (``--model-set depth=4``): a bool,
+    None, an int, a float, or else the string."""
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a model from a preset ("DiT-XL/2", "MDTv2-S/2", …) or a family ("DiT", "MDT", "MDTv2").
 
