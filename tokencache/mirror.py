@@ -136,8 +136,8 @@ def fetch(url: str, target: str | os.PathLike, sha256: Optional[str] = None, att
     """
     target = Path(target)
     expected = sha256.lower() if sha256 else None
-    last: Optional[DownloadError] = None
-    for attempt in range(1, max(1, attempts) + 1):
+
+    def attempt() -> str:
         digest = hashlib.sha256()
 
         def write(out):
@@ -150,9 +150,19 @@ def fetch(url: str, target: str | os.PathLike, sha256: Optional[str] = None, att
                 raise DownloadError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {expected}; "
                                     f"the file was not kept (check the source or its checksum)")
 
+        write_atomic(target, format=write)
+        return digest.hexdigest()
+
+    return retried(attempt, attempts)
+
+
+def retried(action: Callable[[], object], attempts: int = ATTEMPTS):
+    """``action()``, tried again after a transient :class:`DownloadError` (a transfer cut short, a
+    timeout) with a growing pause, ``attempts`` times in all; then one line naming the count."""
+    last: Optional[DownloadError] = None
+    for attempt in range(1, max(1, attempts) + 1):
         try:
-            write_atomic(target, format=write)
-            return digest.hexdigest()
+            return action()
         except DownloadError as exc:
             if not exc.transient:
                 raise
@@ -183,20 +193,12 @@ def read_manifest(base_url: str, timeout: float = TIMEOUT_S) -> dict:
             self.parts.append(bytes(block))
 
     buffer = _Buffer()
-    last = None
-    for attempt in range(1, ATTEMPTS + 1):
+
+    def attempt() -> None:
         buffer.parts.clear()
-        try:
-            stream(url, buffer, timeout=timeout)
-            break
-        except DownloadError as exc:
-            if not exc.transient:
-                raise
-            last = exc
-            if attempt < ATTEMPTS:
-                time.sleep(RETRY_PAUSE_S * attempt)
-    else:
-        raise DownloadError(f"{last} (tried {ATTEMPTS} times)")
+        stream(url, buffer, timeout=timeout)
+
+    retried(attempt)
     try:
         manifest = json.loads(b"".join(buffer.parts))
         files = manifest["files"]
