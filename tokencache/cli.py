@@ -89,7 +89,7 @@ def cmd_standins(args) -> None:
                               reference_count=args.reference_images)
     _emit({"out_dir": str(args.out_dir), **manifest}, args.json,
           f"wrote {len(manifest['files'])} stand-ins and manifest.json to {args.out_dir} (seed {args.seed}); "
-          f"serve them with a mirror (README, \"Running at paper scale / on SLURM\")")
+          f"serve them with a mirror (docs/paper-scale.md)")
 
 
 def cmd_train_backbone(args) -> None:
