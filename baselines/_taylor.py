@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+from tokencache.cache import sampling_steps
+
 
 def taylor_forecast(factors: list, x):
     """``taylor_formula``: 0 + Σ_i ((1/i!)·F_i)·x**i, summed from order 0 upward.
@@ -44,3 +46,21 @@ def refresh_factors(old: list, output, gap, s: int, num_steps: int, max_order: i
         else:
             break
     return new
+
+
+def full_steps(num_steps: int, interval: int, first_enhance: int = 2, final_full_steps: int = 0) -> list[bool]:
+    """Whether sampling step k (0 = first) is full, by the official once-per-step counter.
+
+    s = T − 1 − k; full iff s > T − first_enhance − 1, or the counter has reached N − 1, or (not
+    official) s < ``final_full_steps``; a full step resets the counter, any other adds 1.
+    """
+    plan, counter = [], 0
+    for step in sampling_steps(num_steps):
+        s = step.countdown
+        if s > num_steps - first_enhance - 1 or counter == interval - 1 or s < final_full_steps:
+            counter = 0
+            plan.append(True)
+        else:
+            counter += 1
+            plan.append(False)
+    return plan

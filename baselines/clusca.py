@@ -69,7 +69,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from tokencache.baselines._taylor import refresh_factors, taylor_forecast
+from tokencache.baselines._taylor import full_steps, refresh_factors, taylor_forecast
 from tokencache.cache import COMPUTE_NO_STORE, CacheMethod, Forecast, Subset, param, register_method, sampling_steps
 from tokencache.sampling import sample_seed
 
@@ -78,19 +78,6 @@ OFFICIAL_ACTIVATED_STEPS = (49,)
 #: mixed with a sample's seed to give ClusCa's own stream (so the sampler's noise stream is untouched)
 STREAM_TAG = 0xC1C5CA
 EMPTY_CLUSTERS = ("official", "keep")
-
-
-def clusca_full_steps(num_steps: int, interval: int, first_enhance: int = 2) -> list[bool]:
-    """Whether step k is full: s > T − first_enhance − 1, or the counter reached N − 1 (``cal_type.py`` 8–27)."""
-    plan, counter = [], 0
-    for step in sampling_steps(num_steps):
-        if step.countdown > num_steps - first_enhance - 1 or counter == interval - 1:
-            counter = 0
-            plan.append(True)
-        else:
-            counter += 1
-            plan.append(False)
-    return plan
 
 
 def kmeans_rows(x: torch.Tensor, centroids: torch.Tensor, clusters: int, max_iter: int, rtol: float,
@@ -168,7 +155,8 @@ class ClusCa(CacheMethod):
                                            "centroid", choices=EMPTY_CLUSTERS)
 
     def plan_for(self, info):
-        return ClusCaPlan(clusca_full_steps(info.num_steps, self.interval, self.first_enhance))
+        # TaylorSeer's once-per-step counter (clusca-dit cal_type.py 8–27)
+        return ClusCaPlan(full_steps(info.num_steps, self.interval, self.first_enhance))
 
     def resolved(self):
         out = self.params()

@@ -64,29 +64,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokencache.baselines._taylor import taylor_forecast  # noqa: F401 (re-exported)
+from tokencache.baselines._taylor import full_steps, taylor_forecast  # noqa: F401 (re-exported)
 from tokencache.cache import COMPUTE_NO_STORE, CacheMethod, Forecast, param, register_method, sampling_steps
 
 #: ``cache_init.py`` 26: the hard-coded first entry of ``activated_steps`` (inert, see above)
 OFFICIAL_ACTIVATED_STEPS = (49,)
-
-
-def full_steps(num_steps: int, interval: int, first_enhance: int = 2, final_full_steps: int = 0) -> list[bool]:
-    """Whether sampling step k (0 = first) is full, by the official once-per-step counter.
-
-    s = T − 1 − k; full iff s > T − first_enhance − 1, or the counter has reached N − 1, or (not
-    official) s < ``final_full_steps``; a full step resets the counter, any other adds 1.
-    """
-    plan, counter = [], 0
-    for step in sampling_steps(num_steps):
-        s = step.countdown
-        if s > num_steps - first_enhance - 1 or counter == interval - 1 or s < final_full_steps:
-            counter = 0
-            plan.append(True)
-        else:
-            counter += 1
-            plan.append(False)
-    return plan
 
 
 def factor_counts(num_steps: int, full: list[bool], max_order: int, first_enhance: int = 2) -> list[int]:

@@ -47,7 +47,7 @@ def module(name):
 def test_clusca_schedule_matches_the_official(tiny_dit, sampler, interval):
     steps = parse_sampler(sampler).steps
     types = clusca_schedule(steps, interval)
-    assert [("full" if f else "ClusCa") for f in module("clusca").clusca_full_steps(steps, interval)] == types
+    assert [("full" if f else "ClusCa") for f in module("clusca").full_steps(steps, interval)] == types
     if steps > 20:
         return
     _, engine = run(tiny_dit, get_method("clusca", interval=interval, clusters=4), sampler, [0])
