@@ -5,6 +5,12 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
+def config_folders():
+    """Where a path named in the config is looked for: beside the config files (the last
+    ``--configfile`` first), then the working folder."""
+    return [os.path.dirname(os.path.abspath(f)) for f in reversed(workflow.configfiles)] + [os.getcwd()]
+
+
 def merge_config(base: dict, top: dict) -> dict:
     """``top`` over ``base``, mappings merged key by key (a value of ``top`` wins)."""
     merged = dict(base)
@@ -24,8 +30,7 @@ def apply_overlay():
     base = config.pop("overlay_of", None)
     if base is None:
         return
-    folders = [os.path.dirname(os.path.abspath(f)) for f in reversed(workflow.configfiles)] + [os.getcwd()]
-    path = next((p for p in (os.path.join(d, base) for d in folders) if os.path.isfile(p)), None)
+    path = next((p for p in (os.path.join(d, base) for d in config_folders()) if os.path.isfile(p)), None)
     if path is None:
         raise ValueError(f"config: overlay_of: {base} not found (looked beside the config file and in {os.getcwd()})")
     with open(path) as f:
@@ -58,10 +63,9 @@ def plugin_folders():
     """The ``plugins:`` folders of the config as absolute paths: relative to the config file that
     names them (the last ``--configfile`` first), else to the working folder. A missing one is
     one line naming where it was looked for."""
-    bases = [os.path.dirname(os.path.abspath(f)) for f in reversed(workflow.configfiles)] + [os.getcwd()]
     folders = []
     for entry in config.get("plugins", []):
-        tried = [os.path.normpath(os.path.join(base, os.path.expanduser(entry))) for base in bases]
+        tried = [os.path.normpath(os.path.join(base, os.path.expanduser(entry))) for base in config_folders()]
         found = next((path for path in tried if os.path.isdir(path)), None)
         if found is None:
             raise ValueError(f"config: plugins: folder {entry!r} not found (looked in {', '.join(dict.fromkeys(tried))})")
