@@ -75,6 +75,36 @@ def test_frechet_distance_matches_eigendecomposition_and_torch_fidelity():
     assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
 
 
+@pytest.mark.parametrize("n, dim, ref_rank", [(8, 256, 256), (8, 256, 15), (40, 64, 64), (64, 64, 30)])
+def test_fewer_samples_than_dimensions_take_the_gram_identity_and_agree_with_adm(n, dim, ref_rank):
+    """N ≤ D: the N × N Gram identity gives ADM's scipy.linalg.sqrtm value to float rounding, also
+    against a rank-deficient reference covariance (the rehearsal's 16-image reference batch)."""
+    from tokencache.metrics.fid import frechet_distance_of_features
+
+    rng = np.random.default_rng(n + dim + ref_rank)
+    feats = rng.normal(size=(n, dim)) * rng.uniform(0.2, 2.0, size=dim) + rng.normal(size=dim)
+    ref = rng.normal(size=(ref_rank + 1, dim)) + 0.3
+    mu_ref, sigma_ref = feature_statistics(ref)
+    value, root = frechet_distance_of_features(feats, mu_ref, sigma_ref)
+    adm, adm_root = frechet_distance_of_features(feats, mu_ref, sigma_ref, sqrtm="scipy")
+    assert (root, adm_root) == ("gram", "scipy")
+    assert adm == pytest.approx(frechet_distance(*feature_statistics(feats), mu_ref, sigma_ref), rel=0, abs=0)
+    assert value == pytest.approx(adm, rel=1e-6)
+
+
+def test_samples_that_span_the_features_take_adms_sqrtm():
+    from tokencache.metrics.fid import frechet_distance_of_features
+
+    rng = np.random.default_rng(5)
+    feats, ref = rng.normal(size=(65, 64)), rng.normal(size=(100, 64))
+    mu_ref, sigma_ref = feature_statistics(ref)
+    value, root = frechet_distance_of_features(feats, mu_ref, sigma_ref)
+    assert root == "scipy"
+    assert value == frechet_distance(*feature_statistics(feats), mu_ref, sigma_ref)
+    with pytest.raises(ValueError, match="sqrtm must be"):
+        frechet_distance_of_features(feats, mu_ref, sigma_ref, sqrtm="schur")
+
+
 def test_frechet_distance_of_identical_statistics_is_zero():
     rng = np.random.default_rng(2)
     mu, sigma = feature_statistics(rng.normal(size=(200, 16)))

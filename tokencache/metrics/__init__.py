@@ -3,7 +3,13 @@
 Importing this package does not load torch-fidelity; it is imported when features are extracted.
 """
 from tokencache.metrics.features import extract_features
-from tokencache.metrics.fid import feature_statistics, frechet_distance, inception_score, precision_recall
+from tokencache.metrics.fid import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_of_features,
+    inception_score,
+    precision_recall,
+)
 from tokencache.metrics.fidelity import psnr, ssim
 from tokencache.metrics.quality import evaluate_quality
 # cost: fvcore and pandas are imported only when counting / writing tables
@@ -15,6 +21,7 @@ __all__ = [
     "extract_features",
     "feature_statistics",
     "frechet_distance",
+    "frechet_distance_of_features",
     "inception_score",
     "precision_recall",
     "psnr",

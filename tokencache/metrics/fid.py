@@ -73,6 +73,39 @@ def frechet_distance(
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
+def frechet_distance_of_features(features: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                                 sqrtm: str = "auto") -> tuple[float, str]:
+    """Fréchet distance of (N, D) features' Gaussian to ``N(mu2, sigma2)``, and how its root was taken.
+
+    ``sqrtm="scipy"`` is ADM's computation (:func:`frechet_distance`, ``scipy.linalg.sqrtm`` of the
+    D × D product). ``"auto"`` (the default) takes it whenever the samples span the feature space
+    (N > D, e.g. FID-50K on 2048-d Inception features), and otherwise uses an exact identity: with
+    ``X`` the centred features, ``S1 = XᵀX / (N−1)`` and ``S1 S2`` has the same non-zero eigenvalues
+    as the symmetric N × N matrix ``X S2 Xᵀ / (N−1)``, so ``Tr sqrtm(S1 S2)`` is the sum of the
+    square roots of its ``eigvalsh``. For N ≤ D the product is singular, the case where a Schur
+    square root of a 2048 × 2048 matrix costs ~25 CPU-seconds per call and is the less accurate of
+    the two; the two agree to ~1e-7 relative (tests). ADM's retry with ``eps`` on the diagonals is
+    for a non-finite Schur root and never arises here. Returns ``(value, "scipy" | "gram")``.
+    """
+    feats = np.asarray(features, dtype=np.float64)
+    if sqrtm not in ("auto", "scipy"):
+        raise ValueError(f"sqrtm must be 'auto' or 'scipy', got {sqrtm!r}")
+    n, dim = feats.shape if feats.ndim == 2 else (0, 0)
+    if sqrtm == "scipy" or n > dim:
+        return frechet_distance(*feature_statistics(feats), mu2, sigma2), "scipy"
+    mu1, _ = feature_statistics(feats)  # validates the shape
+    mu2, sigma2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
+    if mu2.shape != (dim,) or sigma2.shape != (dim, dim):
+        raise ValueError(f"statistics do not match: features are {dim}-d, mu {mu2.shape}, sigma {sigma2.shape}")
+    centred = feats - mu1
+    gram = centred @ sigma2 @ centred.T / (n - 1)
+    eigenvalues = np.linalg.eigvalsh((gram + gram.T) / 2.0)
+    trace_root = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
+    diff = mu1 - mu2
+    trace1 = float((centred * centred).sum() / (n - 1))
+    return float(diff.dot(diff) + trace1 + np.trace(sigma2) - 2.0 * trace_root), "gram"
+
+
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """Mean over consecutive splits of ``exp(mean_x KL(p(y|x) || p(y)))``; ADM reports only the mean.
 

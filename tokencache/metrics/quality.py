@@ -17,7 +17,7 @@ import numpy as np
 
 from tokencache.data.npz import load_samples_npz
 from tokencache.io import sha256_file
-from tokencache.metrics.fid import feature_statistics, frechet_distance, inception_score, precision_recall
+from tokencache.metrics.fid import feature_statistics, frechet_distance_of_features, inception_score, precision_recall
 from tokencache.metrics.reference import load_reference_batch
 
 FULL_EVAL_SIZE = 50_000
@@ -103,8 +103,9 @@ def _quality(samples, reference_path, features, weights_path, labels, batch_size
     if n < 2:
         raise ValueError(f"{source} holds {n} image: FID and the other distribution metrics need at least 2")
 
-    mu, sigma = feature_statistics(sample_feats["pool"])
-    mu_s, sigma_s = feature_statistics(sample_feats["spatial"])
+    fid, fid_root = frechet_distance_of_features(sample_feats["pool"], ref_stats["mu"], ref_stats["sigma"])
+    sfid, sfid_root = (frechet_distance_of_features(sample_feats["spatial"], ref_stats["mu_s"], ref_stats["sigma_s"])
+                       if "mu_s" in ref_stats else (None, None))
     precision = recall = kid_value = None
     if ref_pool is not None:
         precision, recall = precision_recall(ref_pool, sample_feats["pool"], k=k, device=extractor.device)
@@ -112,8 +113,8 @@ def _quality(samples, reference_path, features, weights_path, labels, batch_size
 
     size = sample_count_label(n)
     result = {
-        "fid": frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"]),
-        "sfid": frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"]) if "mu_s" in ref_stats else None,
+        "fid": fid,
+        "sfid": sfid,
         "inception_score": inception_score(sample_feats["probs"]),
         "precision": precision,
         "recall": recall,
@@ -135,6 +136,8 @@ def _quality(samples, reference_path, features, weights_path, labels, batch_size
         "reference_stats_from": "npz" if "mu" in reference else "arr_0",
         "extractor": extractor.identity,
     }
+    if "gram" in (fid_root, sfid_root):  # fewer samples than feature dimensions: see frechet_distance_of_features
+        result["frechet_trace_root"] = {"fid": fid_root, "sfid": sfid_root}
     correct = None
     if labels is not None and extractor.label_classifier:
         result["class_consistency"] = class_consistency(sample_feats["probs"], labels)
