@@ -22,7 +22,11 @@ cache; its method text is not public, so the following is ours, built to that de
 * full steps from the predictor's statistics: as many I-steps as v1's TPRR would place (equal
   cost), at step 0 and at uniform percentiles of the cumulative mean α over the steps (more
   I-steps where the predictor wants more recomputed); ``i_steps=tprr`` keeps v1's schedule;
-* not done: the last blocks never cached / LoRA (reported only by secondary notes).
+* ``last_blocks`` K (default 0): the last K blocks are never cached — on P-steps they compute every
+  token — as a description of v2 says; its value is not published. The update share 1 − r still
+  counts over all L·N pairs (the same work, so the same cost as K = 0), the K blocks' N tokens
+  each taken from it first (where they need more, the other blocks reuse everything);
+* not done: LoRA (reported only by secondary notes).
 """
 from __future__ import annotations
 
@@ -106,27 +110,32 @@ def percentile_steps(step_mass: torch.Tensor, count: int) -> list[bool]:
     return full
 
 
-def block_budget(mean_alpha: torch.Tensor, global_ratio: float) -> list[int]:
+def block_budget(mean_alpha: torch.Tensor, global_ratio: float, last_blocks: int = 0) -> list[int]:
     """Tokens each block recomputes when a share ``global_ratio`` of the (block, token) pairs is reused.
 
-    ``mean_alpha`` (L, N): the (1 − r)·L·N largest entries are "update"; returns their count per block.
+    ``mean_alpha`` (L, N): round((1 − r)·L·N) pairs are "update"; the last K blocks (``last_blocks``)
+    take all N of theirs, the rest go to the highest-α pairs of blocks 0…L−K−1. Returns the count per block.
     """
     blocks, tokens = mean_alpha.shape
-    update = round((1 - global_ratio) * blocks * tokens)
-    order = torch.argsort(mean_alpha.flatten(), descending=True, stable=True)[:update]
-    return torch.bincount(order // tokens, minlength=blocks).tolist()
+    cached = blocks - last_blocks
+    update = max(0, round((1 - global_ratio) * blocks * tokens) - last_blocks * tokens)
+    order = torch.argsort(mean_alpha[:cached].flatten(), descending=True, stable=True)[:update]
+    return torch.bincount(order // tokens, minlength=cached).tolist() + [tokens] * last_blocks
 
 
-def plan(info, tensors: dict, tprr_full: list, i_steps: Optional[str], ratio: float):
+def plan(info, tensors: dict, tprr_full: list, i_steps: Optional[str], ratio: float, last_blocks: int = 0):
     """(network, full, keep): the loaded predictor, the I-steps (at α percentiles unless ``i_steps=tprr``),
-    tokens recomputed per (P-step, block) from the global ratio r."""
+    tokens recomputed per (P-step, block) from the global ratio r, the last K blocks never cached."""
+    if not 0 <= last_blocks < info.block_count:
+        raise ValueError(f"tokencache: last_blocks = {last_blocks} must leave at least one of the model's "
+                         f"{info.block_count} blocks to cache")
     network = load_predictor_network(info.model, tensors)
     mean_alpha = tensors["mean_alpha"].float()
     full = tprr_full
     if (i_steps or "predictor") == "predictor":
         full = percentile_steps(mean_alpha.mean(dim=(1, 2)), sum(tprr_full))
     keep = {(t, l): k for t in range(info.num_steps) if not full[t]
-            for l, k in enumerate(block_budget(mean_alpha[t], ratio))}
+            for l, k in enumerate(block_budget(mean_alpha[t], ratio, last_blocks))}
     return network, full, keep
 
 

@@ -42,6 +42,14 @@ respaced step index ``current['step']``, counting down from T−1 at the first s
   0…26 pass x through and block 27 replaces it by ``cache['noise']``, block 27's output from the
   last step that ran it (stored at 352–353 after every block 27). No cache or counter changes.
 
+**kv-norm** (``cache_type='kv-norm'``, ``cache_functions/attention.py`` 44–47, ``scores.py``
+25–32): every full attention keeps v_norm = ‖v_h‖₂ per head and token (the value heads, before
+the q/k norms, which do not touch V), and s1 = L2-normalise over the tokens of Σ_h (1 − v_norm);
+the rest of the score (λ, the 2×2 bonus) and every rule above are unchanged. In this mode the
+official attention takes timm's fused path (``attention.py`` 51–56; no map is kept), as here.
+Quirk kept: where Σ_h (1 − ‖v_h‖) is negative (mean head norm above 1) the 2×2 "bonus" adds
+0.8 × a negative score and *lowers* the cell's best token.
+
 Official DiT setting: DiT-XL/2 256², DDIM-50, cfg 1.5, N = 3, R = 0.05, scheduler ``ToCa``,
 λ = 0.25, ``--cache-type attention --force-fresh global`` (``/README.md`` 82, 89). The README
 publishes no DiT number (its 2.50× is OpenSora's, ``/README.md`` 14); the command-line defaults
@@ -68,6 +76,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from tokencache.baselines._force_fresh import refresh_interval
 from tokencache.baselines._scores import (
@@ -80,12 +89,24 @@ from tokencache.baselines._scores import (
 from tokencache.cache import COMPUTE, REUSE, CacheMethod, Compute, Span, param, register_method, sampling_steps
 
 #: the official ``fresh_ratio_scheduler.py`` names (``'cosine'``, accepted by the command line, raises there)
+#: s1 sources (``sample.py`` 115; 'random' is not offered, see below; 'similarity', 'norm' and 'compress' are
+#: listed there but have no score in ``scores.py``)
+CACHE_TYPES = ("attention", "kv-norm")
 SCHEDULES = ("ToCa", "constant", "linear", "exp", "linear-mode", "layerwise", "linear-layerwise")
 MODULE_TIME_WEIGHT = 0.6  # fresh_ratio_scheduler.py 33, 51
 SCHEDULE_WEIGHT = 0.9  # fresh_ratio_scheduler.py 11
 MODE_WEIGHT = 0.1  # fresh_ratio_scheduler.py 21
 
 FULL, TOCA, AGGRESSIVE = "full", "ToCa", "aggressive"
+
+
+def value_norm_score(values: torch.Tensor) -> torch.Tensor:
+    """kv-norm s1 (B, N): L2-normalised over the tokens of Σ_heads (1 − ‖v_h‖₂) (``scores.py`` 25–32).
+
+    ``values`` (B, H, N, d): the block's value heads. Despite the name only V enters (the K line is
+    commented out); a token with *small* value vectors scores high.
+    """
+    return F.normalize((1 - torch.norm(values, dim=-1, p=2)).sum(dim=-2), p=2)
 
 
 def block_types(num_steps: int, num_blocks: int, interval: int, ratio: float, weight: float = 0.4,
@@ -175,6 +196,9 @@ class DuCa(CacheMethod):
     interval_weight: float = param(0.4, "w in the interval round(N / (1 + w − 2w·s/T))", min=0.0, max=0.9)
     sensitive_interval: int = param(2, "interval forced for s in [0.2T, 0.4T) when R > 0", min=1)
     module_weight: float = param(2.5, "m: the MLP's ratio factor 1 + 0.6m", min=0.0)
+    cache_type: str = param("attention", "s1: attention (column sums of the explicit map; the official DiT "
+                                         "setting) or kv-norm (Σ_heads (1 − ‖v‖) of the fused attention's values)",
+                            choices=CACHE_TYPES)
     per_block_retest: bool = param(True, "official: every block re-tests the interval the full blocks reset; "
                                          "False: one decision per step")
 
@@ -191,8 +215,8 @@ class DuCa(CacheMethod):
         needs_scores = any(0 < n < N for n in tokens.values())
         if needs_scores:
             check_bonus_grid(self.name, self.spatial_bonus, info.grid_size)
-        return DuCaPlan(types, tokens, aggressive_from, needs_scores,
-                        Compute(attention=True) if needs_scores else COMPUTE)
+        scored = Compute(values=True) if self.cache_type == "kv-norm" else Compute(attention=True)
+        return DuCaPlan(types, tokens, aggressive_from, needs_scores, scored if needs_scores else COMPUTE)
 
     def resolved(self):
         out = self.params()
@@ -202,8 +226,11 @@ class DuCa(CacheMethod):
         return out
 
     def overhead_macs(self, shape):
-        """``attention_scores`` (one map reduced to s1); ``token_scores`` (one token scored) — see ``_scores``."""
-        return {"attention_scores": attention_score_macs(shape), "token_scores": TOKEN_SCORE_MACS}
+        """``attention_scores`` (one map reduced to s1); ``value_scores`` (one block's values reduced to the
+        kv-norm s1: the squared norms N·D, 1 − norm and the head sum 2·H·N, the L2 normalisation N);
+        ``token_scores`` (one token scored) — see ``_scores``."""
+        return {"attention_scores": attention_score_macs(shape), "token_scores": TOKEN_SCORE_MACS,
+                "value_scores": shape.tokens * shape.hidden + 2 * shape.heads * shape.tokens + shape.tokens}
 
     def block_action(self, step, block, inputs):
         last = self.info.block_count - 1
@@ -240,7 +267,10 @@ class DuCa(CacheMethod):
             self.count("token_scores", self.info.num_tokens)
         return action
 
-    def observe(self, step, block, branch, *, x, output, attention, rows):
+    def observe(self, step, block, branch, *, x, output, attention, rows, values=None):
         if attention is not None:
             self.state.scores[block] = attention_score(attention)
             self.count("attention_scores", 1)
+        if values is not None:
+            self.state.scores[block] = value_norm_score(values)
+            self.count("value_scores", 1)

@@ -146,9 +146,13 @@ class TokenCache(CacheMethod):
     token_choice: str = param("predictor", "v1: which tokens are recomputed: predictor, random or attention (ToCa's "
                                            "attention score)", choices=("predictor", "random", "attention"))
     seed: int = param(0, "seed of token_choice=random", min=0)
+    last_blocks: int = param(0, "v2 K: the last K blocks are never cached (compute every token on P-steps; "
+                                "value unpublished, 0 = all blocks may be cached)", min=0)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.version == 1 and self.last_blocks:
+            raise ValueError("tokencache: last_blocks is a version=2 option (v1 chooses its pruned blocks adaptively)")
         if self.version == 1 and self.i_steps == "predictor":
             raise ValueError("tokencache: i_steps=predictor needs version=2 (v1's predictor has no statistics "
                              "over samples)")
@@ -169,7 +173,7 @@ class TokenCache(CacheMethod):
                 raise ValueError("tokencache: version=2 chooses blocks and tokens by its predictor (leave "
                                  "token_choice and block_selection at their defaults)")
             tensors = load_calibration(self, self.predictor, info.model, info.sampler_name)
-            network, full, keep = v2.plan(info, tensors, full, self.i_steps, self.reused_share())
+            network, full, keep = v2.plan(info, tensors, full, self.i_steps, self.reused_share(), self.last_blocks)
         else:
             keep, tokens = self._plan_v1(info, full)
         needs_attention = self.token_choice == "attention" and any(0 < k < info.num_tokens for k in keep.values())

@@ -276,7 +276,7 @@ def taylorseer_official(num_steps: int, num_blocks: int, interval: int = 4, max_
 
 def duca_official(num_steps: int, num_blocks: int, num_tokens: int, fresh_ratio: float = 0.05,
                   fresh_threshold: int = 3, ratio_scheduler: str = "ToCa", attention_maps=None,
-                  soft_fresh_weight: float = 0.25):
+                  soft_fresh_weight: float = 0.25, value_vectors=None):
     """What ``DuCa-DiT`` does per (step, block): its type, the MLP tokens it recomputes, which ones.
 
     Transcribed from the official code:
@@ -302,6 +302,9 @@ def duca_official(num_steps: int, num_blocks: int, num_tokens: int, fresh_ratio:
       by ``cache['noise']``, the output of block 27 stored after every block 27.
 
     ``attention_maps`` (optional): (k, layer) → the head-averaged (B, N, N) map of that full block.
+    ``value_vectors`` (optional, ``cache_type='kv-norm'``): (k, layer) → the value heads (B, H, N, d)
+    of that full block's attention; the score is then :func:`duca_kv_norm_score` (``attention.py``
+    44–47 keeps ``v_norm`` per attention call, ``scores.py`` 25–32).
 
     Returns ``(types, mlp_tokens, chosen)``: types[k][l] in {"full", "ToCa", "aggressive"} for
     sampling step k = T−1−i; mlp_tokens[k][l] the MLP tokens computed (N full, 0 aggressive);
@@ -333,6 +336,10 @@ def duca_official(num_steps: int, num_blocks: int, num_tokens: int, fresh_ratio:
                 if attention_maps is not None:
                     cache_dic["attn_map"][layer] = attention_maps(k, layer)
                     rows = cache_dic["attn_map"][layer].shape[0]
+                if value_vectors is not None:
+                    cache_dic["v_norm"] = cache_dic.get("v_norm", {})
+                    cache_dic["v_norm"][layer] = value_vectors(k, layer)
+                    rows = cache_dic["v_norm"][layer].shape[0]
                 for module in ("attn", "mlp"):  # force_init after each module
                     cache_dic["cache_index"][(layer, module)] = torch.zeros(rows, num_tokens, dtype=torch.int)
                     w = 0.0 if cache_dic["fresh_ratio"] == 0 else 0.4
@@ -351,9 +358,11 @@ def duca_official(num_steps: int, num_blocks: int, num_tokens: int, fresh_ratio:
             ratio = torch.clamp(torch.tensor(ratio), 0.0, 1.0)
             topk = int(ratio * num_tokens)
             mlp_tokens[k][layer] = topk
-            if attention_maps is not None:
-                attn_map = cache_dic["attn_map"][layer]
-                score = F.normalize(attn_map.sum(dim=1), dim=1, p=2)
+            if attention_maps is not None or value_vectors is not None:
+                if value_vectors is not None:
+                    score = duca_kv_norm_score(cache_dic["v_norm"][layer])
+                else:
+                    score = F.normalize(cache_dic["attn_map"][layer].sum(dim=1), dim=1, p=2)
                 counter = cache_dic["cache_index"][(layer, "mlp")]
                 soft_step_score = counter.float() / fresh_threshold
                 score = score + cache_dic["soft_fresh_weight"] * soft_step_score
@@ -1009,16 +1018,16 @@ def delta_dit_plan(num_steps: int, depth: int, boundary: int, front_blocks: int,
     The paper's rule: on cached steps the Δ-Cache replaces a span of consecutive blocks by its input
     plus the deviation Δ = (span output − span input) stored at the last full step; the *rear*
     blocks are cached in the early sampling stage and the *front* blocks after the boundary b.
-    Ours: a full step every ``interval`` steps from k = 0 (k % interval == 0); a cached step k < b
-    caches blocks [L − rear_blocks, L − 1], k ≥ b caches [0, front_blocks − 1]; a full step stores
-    Δ for both spans. Returns per k ``None`` (full) or ``(start, end)`` of the cached span.
+    Ours: a full step every ``interval`` steps from k = 0 (k % interval == 0); the cached steps
+    after a full step f cache blocks [L − rear_blocks, L − 1] if f + 1 < b (the boundary step),
+    else [0, front_blocks − 1] (with interval 2: the stage of the cached step itself); the full
+    step stores Δ of that span. Returns per k ``None`` (full) or ``(start, end)`` of the cached span.
     """
-    plan = []
+    plan, span = [], None
     for k in range(num_steps):
         if k % interval == 0:
             plan.append(None)
-        elif k < boundary:
-            plan.append((depth - rear_blocks, depth - 1))
+            span = (depth - rear_blocks, depth - 1) if k + 1 < boundary else (0, front_blocks - 1)
         else:
-            plan.append((0, front_blocks - 1))
+            plan.append(span)
     return plan

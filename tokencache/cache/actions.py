@@ -42,11 +42,14 @@ class Compute:
 
     ``store=False`` skips keeping the output (methods that never reuse it save memory);
     ``attention=True`` runs the attention branch with explicit softmax and hands the
-    probabilities (B, heads, N, N) to the method's ``observe`` (ToCa's token scores).
+    probabilities (B, heads, N, N) to the method's ``observe`` (ToCa's token scores);
+    ``values=True`` hands it the value heads (B, heads, N, head_dim) as ``observe(…, values=)``
+    (DuCa's kv-norm score; the attention stays fused unless ``attention`` is asked for too).
     """
 
     store: bool = True
     attention: bool = False
+    values: bool = False
 
 
 @dataclass(frozen=True)

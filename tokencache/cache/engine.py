@@ -363,10 +363,14 @@ class CacheEngine:
         what = f"{name} output of block {block}"
         rows = int(x.shape[0])
         if isinstance(action, Compute):
-            attention = None
-            if action.attention:
-                out, attention = fn(x, return_attention=True)
-                self._count_overhead("explicit_attention", 1)
+            attention, extra = None, {}
+            if action.attention or action.values:
+                out, *asked = fn(x, return_attention=action.attention, return_values=action.values)
+                if action.attention:
+                    attention = asked.pop(0)
+                    self._count_overhead("explicit_attention", 1)
+                if action.values:
+                    extra["values"] = asked.pop(0)
             else:
                 out = fn(x)
             if action.store:
@@ -375,7 +379,7 @@ class CacheEngine:
             # under CUDA graphs the graph's output is overwritten by its next replay: hand the
             # method the stored copy, which it may keep across steps
             kept = self._outputs[key] if action.store and self.clone_stored and self._rows is None else out
-            self._observed(block, name, x, kept, attention)
+            self._observed(block, name, x, kept, attention, **extra)
             return out
         if isinstance(action, Reuse):
             if action.rows is None:
@@ -540,9 +544,9 @@ class CacheEngine:
                                f"batch {self._batch} × {tuple(x.shape[1:])} (batch changed without a reset at step 0)")
         return value
 
-    def _observed(self, block: int, name: str, x, out, attention) -> None:
+    def _observed(self, block: int, name: str, x, out, attention, **extra) -> None:
         if self._observe is not None:
-            self._observe(self.step, block, name, x=x, output=out, attention=attention, rows=self._rows)
+            self._observe(self.step, block, name, x=x, output=out, attention=attention, rows=self._rows, **extra)
 
     def _check_step(self) -> None:
         if self.step < 0:

@@ -204,6 +204,8 @@ class Attention(nn.Module):
       some of them (MDT's masked training); selects the matching relative-bias entries.
     * ``return_attention``: also return the softmax probabilities (B, heads, q, n); this path
       uses an explicit softmax, the others use fused ``scaled_dot_product_attention``.
+    * ``return_values``: also return the value heads (B, heads, n, head_dim), after the
+      probabilities when both are asked for (DuCa's value-norm token score).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_window: Optional[int] = None):
@@ -245,6 +247,7 @@ class Attention(nn.Module):
         query_index: Optional[torch.Tensor] = None,
         token_ids: Optional[torch.Tensor] = None,
         return_attention: bool = False,
+        return_values: bool = False,
     ):
         b, n, d = x.shape
         if query_index is None:
@@ -265,7 +268,9 @@ class Attention(nn.Module):
             mask = None if attn_bias is None else attn_bias.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.proj(out.transpose(1, 2).reshape(b, -1, d))
-        return (out, probs) if return_attention else out
+        if not (return_attention or return_values):
+            return out
+        return (out,) + ((probs,) if return_attention else ()) + ((v,) if return_values else ())
 
 
 class TanhGELU(nn.Module):
@@ -323,14 +328,14 @@ class TransformerBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 6 * hidden_size, bias=True))
         self.skip_linear = Linear(2 * hidden_size, hidden_size) if skip else None
 
-    def attn_branch(self, h, shift, scale, tokens=None, token_ids=None, return_attention=False):
+    def attn_branch(self, h, shift, scale, tokens=None, token_ids=None, return_attention=False, return_values=False):
         """Attention branch before its gate: Attn(modulate(LN(h))), optionally for ``tokens`` only.
 
         A method (not a closure) so that :func:`tokencache.models.compile.compile_branches` can
         compile it once for every block, leaving the caching engine between branches eager.
         """
         return self.attn(modulate(self.norm1(h), shift, scale), query_index=tokens, token_ids=token_ids,
-                         return_attention=return_attention)
+                         return_attention=return_attention, return_values=return_values)
 
     def mlp_branch(self, h, shift, scale, tokens=None):
         """MLP branch before its gate: MLP(modulate(LN(h))), on ``tokens`` only when given."""
@@ -350,9 +355,9 @@ class TransformerBlock(nn.Module):
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
 
-        def attn_branch(h, tokens=None, return_attention=False, rows=None):
+        def attn_branch(h, tokens=None, return_attention=False, rows=None, return_values=False):
             shift, scale = (shift_msa, scale_msa) if rows is None else (shift_msa[rows], scale_msa[rows])
-            return self.attn_branch(h, shift, scale, tokens, token_ids, return_attention)
+            return self.attn_branch(h, shift, scale, tokens, token_ids, return_attention, return_values)
 
         def mlp_branch(h, tokens=None, rows=None):
             shift, scale = (shift_mlp, scale_mlp) if rows is None else (shift_mlp[rows], scale_mlp[rows])
