@@ -71,6 +71,25 @@ def test_large_sets_take_the_per_resample_path(features, monkeypatch):
     np.testing.assert_allclose(bs.frechet_values(smp, counts, mu_r, sigma_r), fast, rtol=1e-10)
 
 
+@pytest.mark.parametrize("n, dim, ref_rank", [(8, 64, 64), (8, 64, 15), (30, 32, 32)])
+def test_fewer_samples_than_dimensions_take_the_gram_form(n, dim, ref_rank):
+    """N ≤ D (a proxy FID on Inception features): the N × N Gram form gives the basis form's values, and
+    each resample's value is the Fréchet distance of the resampled set."""
+    rng = np.random.default_rng(n + ref_rank)
+    smp = rng.normal(size=(n, dim)) * rng.uniform(0.3, 2.0, size=dim) + 0.5
+    mu_r, sigma_r = feature_statistics(rng.normal(size=(ref_rank + 1, dim)))
+    idx = bs.resample_indices(n, 40, 3)
+    counts = bs.index_counts(idx, n)
+    gram = bs.frechet_values(smp, counts, mu_r, sigma_r)
+    np.testing.assert_allclose(gram, bs.frechet_values(smp, counts, mu_r, sigma_r, method="gram"), rtol=0)
+    np.testing.assert_allclose(gram, bs.frechet_values(smp, counts, mu_r, sigma_r, method="basis"), rtol=1e-8)
+    for b in (0, 7):
+        rows = idx[b]
+        assert gram[b] == pytest.approx(frechet_distance(*feature_statistics(smp[rows]), mu_r, sigma_r), rel=1e-6)
+    with pytest.raises(ValueError, match="method"):
+        bs.frechet_values(smp, counts, mu_r, sigma_r, method="schur")
+
+
 def test_kid_is_clean_fids_and_seeded(features):
     from cleanfid.fid import kernel_distance
 

@@ -19,7 +19,7 @@ intervals because the sample-to-sample variation they share cancels.
 Everything is vectorised over resamples through each resample's index counts ``c`` (how often
 each sample was drawn): weighted means and covariances for FID and sFID, with the Fréchet
 distance's ``Tr sqrtm(S_b S_ref)`` from the eigenvalues of ``A S_b A`` (``A = sqrtm(S_ref)``,
-computed once); count-weighted sums for IS, precision, class consistency, PSNR and SSIM; recall
+computed once; with fewer samples than feature dimensions, of an N × N Gram matrix instead); count-weighted sums for IS, precision, class consistency, PSNR and SSIM; recall
 recomputes each resample's sample-manifold radii (a copy drawn twice is its own nearest
 neighbour at distance 0, as it would be for the resampled set itself); KID uses clean-fid's
 unbiased estimator with the same reference subsets as the point estimate. Recall and KID need
@@ -143,8 +143,12 @@ def weighted_mean(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def frechet_values(features: np.ndarray, counts: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray,
-                   device: str | torch.device = "cpu", chunk: int = 500) -> np.ndarray:
+                   device: str | torch.device = "cpu", chunk: int = 500, method: str = "auto") -> np.ndarray:
     """Fréchet distance of each resample's Gaussian (count-weighted mean, unbiased covariance) to the reference.
+
+    ``method``: ``"basis"`` (below), ``"gram"`` (:func:`_frechet_values_gram`: N × N per resample,
+    no D × D decomposition) or ``"auto"``: the Gram form when there are fewer samples than feature
+    dimensions (a proxy FID-N on Inception features), else the basis form.
 
     ``Tr sqrtm(S S_ref)`` is the sum of the square roots of the eigenvalues of ``Aᵀ S A`` with
     ``A = V_r diag(√λ_r)`` from the reference covariance's eigen-decomposition (its r non-zero
@@ -152,9 +156,13 @@ def frechet_values(features: np.ndarray, counts: np.ndarray, mu_ref: np.ndarray,
     r × r, so one batched ``eigvalsh`` replaces a non-symmetric ``sqrtm`` per resample. The
     resamples' second moments in that basis are one matrix product (counts × outer products).
     """
+    if method not in ("auto", "basis", "gram"):
+        raise ValueError(f"method must be auto, basis or gram, got {method!r}")
+    n, dim = np.shape(features)
+    if method == "gram" or (method == "auto" and n <= dim):
+        return _frechet_values_gram(features, counts, mu_ref, sigma_ref, device, chunk)
     device = torch.device(device)
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64, device=device)
-    n = x.shape[0]
     x = x - x.mean(dim=0)  # centred once (better conditioned sums); the offset comes back in the means
     offset = torch.as_tensor(np.asarray(features, dtype=np.float64).mean(axis=0), device=device)
     mu_ref_t = torch.as_tensor(np.asarray(mu_ref), dtype=torch.float64, device=device)
@@ -181,6 +189,42 @@ def frechet_values(features: np.ndarray, counts: np.ndarray, mu_ref: np.ndarray,
         cov_y = (second - n * mean_y[:, :, None] * mean_y[:, None, :]) / (n - 1)         # Aᵀ S_b A
         tr_sqrt = torch.linalg.eigvalsh(cov_y).clamp(min=0).sqrt().sum(dim=1)
         trace = (c @ sq_norm - n * (mean_x * mean_x).sum(dim=1)) / (n - 1)               # Tr S_b
+        diff = mean_x + offset - mu_ref_t
+        out.append((diff * diff).sum(dim=1) + trace + trace_ref - 2.0 * tr_sqrt)
+    return torch.cat(out).cpu().numpy()
+
+
+def _frechet_values_gram(features, counts, mu_ref, sigma_ref, device, chunk) -> np.ndarray:
+    """:func:`frechet_values` through the samples' Gram matrix, for N ≤ D.
+
+    With X the centred features and Q_b = I − 1cᵀ/N (a resample's centring), the resample's
+    covariance is S_b = Xᵀ Q_bᵀ C Q_b X / (N − 1), C = diag(c); S_b S_ref has the non-zero
+    eigenvalues of the symmetric N × N matrix C^½ Q_b G Q_bᵀ C^½ / (N − 1) with G = X S_ref Xᵀ,
+    computed once. So each resample costs an N × N ``eigvalsh`` and no D × D decomposition is needed.
+    """
+    device = torch.device(device)
+    feats = np.asarray(features, dtype=np.float64)
+    x = torch.as_tensor(feats - feats.mean(axis=0), device=device)
+    offset = torch.as_tensor(feats.mean(axis=0), device=device)
+    n = x.shape[0]
+    sigma_ref_t = torch.as_tensor(np.asarray(sigma_ref, dtype=np.float64), device=device)
+    mu_ref_t = torch.as_tensor(np.asarray(mu_ref, dtype=np.float64), device=device)
+    gram = x @ sigma_ref_t @ x.T                                                          # G (N, N)
+    gram = (gram + gram.T) / 2
+    sq_norm = (x * x).sum(dim=1)
+    trace_ref = torch.trace(sigma_ref_t)
+    step = max(1, min(chunk, OUTER_LIMIT // max(1, n * n)))
+    out = []
+    for lo in range(0, len(counts), step):
+        c = torch.as_tensor(counts[lo:lo + step], dtype=torch.float64, device=device)    # (b, N)
+        g = c @ gram                                                                      # G c (b, N)
+        s = (g * c).sum(dim=1)                                                            # cᵀ G c
+        centred = gram[None] - (g[:, None, :] + g[:, :, None]) / n + s[:, None, None] / (n * n)
+        root_c = c.sqrt()
+        m = root_c[:, :, None] * centred * root_c[:, None, :] / (n - 1)
+        tr_sqrt = torch.linalg.eigvalsh(m).clamp(min=0).sqrt().sum(dim=1)
+        mean_x = c @ x / n
+        trace = (c @ sq_norm - n * (mean_x * mean_x).sum(dim=1)) / (n - 1)
         diff = mean_x + offset - mu_ref_t
         out.append((diff * diff).sum(dim=1) + trace + trace_ref - 2.0 * tr_sqrt)
     return torch.cat(out).cpu().numpy()

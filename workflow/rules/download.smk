@@ -154,12 +154,17 @@ if FEATURES == "inception":
         threads: THREADS
         resources:
             gpu=1 if config["device"] == "cuda" else 0,
-        shell:
-            # then metrics.json split: deterministic, and the machine, timings and absolute paths in
-            # metrics.provenance.json (tokencache/results.py)
-            "tokencache evaluate {input.npz} --reference {input.ref} --features inception "
-            "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
-            "--bootstrap {params.resamples} --bootstrap-seed {params.seed} --threads {threads} "
-            "--out {output.metrics} --quiet --json > {log} 2>&1 && python -m tokencache.results {output.metrics} {RESULTS}"
+        run:
+            shell(
+                "tokencache evaluate {input.npz} --reference {input.ref} --features inception "
+                "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
+                "--bootstrap {params.resamples} --bootstrap-seed {params.seed} --threads {threads} "
+                "--out {output.metrics} --quiet --json > {log} 2>&1"
+            )
+            from tokencache.results import split_file
+
+            # metrics.json split in the workflow's process (a Python start-up saved per run): deterministic,
+            # and the machine, timings and absolute paths in metrics.provenance.json (tokencache/results.py)
+            split_file(output.metrics, RESULTS)
 
     ruleorder: evaluate_inception > evaluate
