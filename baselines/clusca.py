@@ -141,6 +141,7 @@ class ClusCa(CacheMethod):
     host_sync = True
     State = ClusCaState
     noop = {"interval": 1}
+    search_space = {"interval": (3, 4, 5, 6)}  # N; official 4 (K = 16 clusters)
     interval: int = param(4, "N: a full step every N steps after the warm-up (--interval 4)", min=1)
     max_order: int = param(4, "O: highest Taylor order (--max-order 4)", min=0)
     clusters: int = param(16, "K: clusters of block L−1's output (--cluster-num 16)", min=1)

@@ -37,6 +37,7 @@ class DeepCache(CacheMethod):
 
     name = "deepcache"
     noop = {"interval": 1}
+    search_space = {"interval": (2, 3, 4, 5), "shallow_blocks": (1, 2)}  # N × k; ours 3 × 1
     interval: int = param(3, "N: full refresh every N steps (DeepCache's cache_interval)", min=1)
     shallow_blocks: int = param(1, "k: blocks recomputed every step at each end (DeepCache branch 0 → 1)", min=0)
 

@@ -78,6 +78,7 @@ class DeltaDiT(CacheMethod):
 
     name = "delta-dit"
     noop = {"interval": 1}
+    search_space = {"interval": (2, 3, 4), "block_share": (0.5, 0.75)}  # N × span share; ours 2 × 0.75
     interval: int = param(2, "N (ours: 2): a full step every N steps from the first", min=1)
     boundary: float = param(0.5, "b as a fraction of the steps (ours: 0.5): before it the rear blocks are cached, "
                                  "after it the front blocks", min=0.0, max=1.0)

@@ -185,6 +185,7 @@ class DuCa(CacheMethod):
     name = "duca"
     State = DuCaState
     noop = {"interval": 1, "interval_weight": 0.0, "sensitive_interval": 1}
+    search_space = {"interval": (2, 3, 4, 5), "fresh_ratio": (0.05, 0.1, 0.2)}  # N × R; official 3 × 0.05
     interval: int = param(3, "N: base interval (fresh_threshold; official DiT setting 3)", min=1)
     fresh_ratio: float = param(0.05, "R: base fraction of MLP tokens recomputed on conservative blocks "
                                      "(official DiT setting 0.05)", min=0.0, max=1.0)

@@ -111,6 +111,7 @@ class FirstBlockCache(CacheMethod):
     host_sync = True
     State = FBState
     noop = {"max_cached_steps": 0}
+    search_space = {"threshold": (0.05, 0.1, 0.2, 0.4, 0.6)}  # τ; diffusers 0.05, cache-dit 0.08
     threshold: float = param(0.05, "τ: relative L1 change of the first-block residual (diffusers 0.05; cache-dit "
                                    "0.08)", min=0.0)
     rule: str = param("diffusers", "comparison: diffusers computes iff d > τ; cache-dit reuses iff d < τ (and "

@@ -35,6 +35,7 @@ class FORA(CacheMethod):
 
     name = "fora"
     noop = {"interval": 1}
+    search_space = {"interval": (2, 3, 4, 5, 6)}  # N; official 3
     interval: int = param(3, "N: full where the step index i (counting down) is divisible by N (official: 3)", min=1)
 
     def plan_for(self, info):

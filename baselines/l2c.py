@@ -146,6 +146,7 @@ class L2C(CacheMethod):
     name = "l2c"
     calibration = L2CRouter
     noop = {"threshold": 0.0}
+    search_space = {"threshold": (0.05, 0.1, 0.2, 0.3, 0.5)}  # θ; official 0.1
     router: Optional[str] = param(None, "path of the router file from `tokencache calibrate --method l2c` (required)")
     threshold: float = param(0.1, "θ: reuse a branch unless σ(w) > θ (official: 0.1)", min=0.0, max=1.0)
 

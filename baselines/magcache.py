@@ -182,6 +182,7 @@ class MagCache(CacheMethod):
     name = "magcache"
     calibration = MagCacheRatios
     noop = {"max_skip_steps": 0}
+    search_space = {"threshold": (0.03, 0.06, 0.12, 0.24, 0.5)}  # δ; diffusers 0.06, Wan 0.12, FLUX 0.24
     mag_ratios: Optional[str] = param(None, "path of the curve file from `tokencache calibrate --method magcache` "
                                             "(required)")
     threshold: float = param(0.06, "δ: skip while the accumulated error Σ|1 − Πγ| stays within it (diffusers 0.06; "

@@ -122,6 +122,7 @@ class SpeCa(CacheMethod):
     host_sync = True
     State = SpeCaState
     noop = {"taylor_after_full": False, "max_taylor_steps": 0}
+    search_space = {"base_threshold": (0.05, 0.1, 0.2, 0.3, 0.5)}  # τ₀; sample.py 0.1, sample_ddp.py 0.3
     max_order: int = param(4, "O: highest Taylor order (--max-order 4)", min=0)
     base_threshold: float = param(0.1, "τ₀: error threshold at the start (--base-threshold 0.1)", min=0.0)
     decay_rate: float = param(0.01, "β: threshold τ₀·β^((T−s)/T) (--decay-rate 0.01)", min=0.0)

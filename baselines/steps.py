@@ -20,6 +20,7 @@ class Steps(CacheMethod):
     passthrough = True
     role = "fewer-steps"
     noop = {"fraction": 1.0}
+    search_space = {"fraction": (0.3, 0.4, 0.5, 0.6, 0.75)}  # the share of the sampler's steps kept
     num_steps: Optional[int] = param(None, "steps of the reduced sampler, e.g. 25 for ddim50 → ddim25 (overrides "
                                            "fraction)", min=1, max=1000)
     fraction: float = param(0.5, "the fraction of the sampler's steps kept (0.5: ddim50 → ddim25, ddpm250 → "

@@ -107,6 +107,7 @@ class TaylorSeer(CacheMethod):
     name = "taylorseer"
     State = TaylorState
     noop = {"interval": 1}
+    search_space = {"interval": (3, 4, 5, 6), "max_order": (2, 3, 4)}  # N × O; official 4 × 4
     interval: int = param(4, "N: a full step every N steps after the warm-up (official recommendation 4)", min=1)
     max_order: int = param(4, "O: highest derivative order of the Taylor series (official recommendation 4)", min=0)
     first_enhance: int = param(2, "full steps at the start (official: 2, hard-coded)", min=1)

@@ -245,6 +245,7 @@ class TeaCache(CacheMethod):
     State = TeaState
     calibration = TeaCacheCoefficients
     noop = {"ret_steps": 1_000_000}
+    search_space = {"threshold": (0.05, 0.1, 0.2, 0.3, 0.6, 1.0)}  # δ; Latte/Open-Sora 0.1 and 0.2
     coefficients: Optional[str] = param(None, "path of the coefficients file from `tokencache calibrate --method "
                                               "teacache` (required)")
     threshold: float = param(0.1, "δ (rel_l1_thresh): reuse while the accumulated rescaled change stays below "

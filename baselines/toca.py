@@ -120,6 +120,7 @@ class ToCa(CacheMethod):
     name = "toca"
     State = ToCaState
     noop = {"interval": 1, "interval_weight": 0.0, "sensitive_interval": 1}
+    search_space = {"interval": (2, 3, 4, 5), "fresh_ratio": (0.05, 0.1, 0.2, 0.3)}  # N × R; official 3–4 × 0.07
     variants = ({"per_block_retest": False}, {"partial_attention": True, "schedule": "constant", "fresh_ratio": 0.3})
     interval: Optional[int] = param(None, "N: base full-step interval (fresh_threshold); None = official for the "
                                           "sampler: 4 for DDPM, 3 for DDIM", min=1)

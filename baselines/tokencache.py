@@ -122,6 +122,9 @@ class TokenCache(CacheMethod):
     calibration = CachePredictor
     State = TokenCacheState
     noop = {"cache_ratio": 0.0, "global_ratio": 0.0}
+    # ρ × β × (K1, K2) with K2 ≤ K1, around the testbed-chosen defaults (ρ 0.75, β 0.5, DDIM 3/2)
+    search_space = {"cache_ratio": (0.5, 0.75, 0.9), "block_ratio": (0.5, 0.75, 1.0),
+                    ("k1", "k2"): ((2, 2), (3, 2), (4, 2))}
     traced_overhead = ("predictor",)
     variants = ({"version": 2}, {"token_choice": "attention"}, {"block_selection": "uniform", "token_choice": "random"})
     predictor: Optional[str] = param(None, "g_θ: Cache Predictor file from `tokencache calibrate --method tokencache` "

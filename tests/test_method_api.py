@@ -296,3 +296,35 @@ def test_relaxation_batches_fill_the_cache_at_the_previous_step(trajectories_and
         assert relaxation.relaxed_step == batch.step == 3
         with torch.no_grad():
             torch.testing.assert_close(batch.relaxed(), batch.target, rtol=1e-5, atol=1e-5)
+
+
+def test_search_spaces_are_valid_distinct_settings():
+    """Every declared search space: points that build the method, all distinct, each knob a real parameter;
+    `tokencache methods --json` reports it; a space naming no parameter fails in one line."""
+    import dataclasses
+
+    from tokencache.cache import available_methods, describe_methods, method_class, search_points
+
+    described = {m["name"]: m for m in describe_methods()}
+    with_space = 0
+    for name in available_methods():
+        cls = method_class(name)
+        points = search_points(name)
+        assert len({tuple(sorted(p.items())) for p in points}) == len(points), name
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert all(set(p) <= fields for p in points), name
+        info = described[name]["search_space"]
+        assert (info is None) == (not points), name
+        if points:
+            with_space += 1
+            assert info["points"] == len(points)
+    assert with_space >= 13  # every built-in method with a strength, reference and full aside
+    tokencache_points = search_points("tokencache")
+    assert len(tokencache_points) == 27 and all(p["k2"] <= p["k1"] for p in tokencache_points)
+
+    @dataclasses.dataclass
+    class Broken(method_class("fora")):
+        search_space = {"intervall": (2, 3)}
+
+    with pytest.raises(ValueError, match="not a valid setting"):
+        search_points(Broken)

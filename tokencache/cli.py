@@ -140,6 +140,9 @@ def cmd_methods(args) -> None:
         for p in m["params"]:
             bounds = f" [{p['range']}]" if p.get("range") else ""
             print(f"    {p['name']} ({p['type']}, default {p['default']}){bounds}: {p['doc']}")
+        if m["search_space"]:
+            knobs = "; ".join(f"{k} ∈ {v}" for k, v in m["search_space"]["knobs"].items())
+            print(f"    search space ({m['search_space']['points']} points): {knobs}")
         if m["calibration"]:
             cal = m["calibration"]
             print(f"    calibration: {cal['title']} → {cal['file_parameter']}= (tokencache calibrate --method "

@@ -59,6 +59,7 @@ from tokencache.cache.registry import (
     parse_method_spec,
     reference_method,
     register_method,
+    search_points,
 )
 from tokencache.cache.steps import Step, sampling_steps
 
@@ -70,4 +71,5 @@ __all__ = [
     "BlockInput", "CacheEngine", "attach", "model_info", "sample_view", "Step", "sampling_steps", "CacheMethod",
     "ModelInfo", "param", "PluginError", "available_methods", "describe_methods", "get_method", "load_plugins",
     "method_class", "parse_labelled_spec", "parse_method_spec", "reference_method", "register_method",
+    "search_points",
 ]

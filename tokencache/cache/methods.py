@@ -111,7 +111,12 @@ class CacheMethod:
     * ``variants`` — parameter sets (dicts) that change how the method works, which the contract
       test checks besides the defaults;
     * ``calibration`` — a :class:`~tokencache.cache.calibration.Calibration` subclass when the
-      method needs a trained or fitted file.
+      method needs a trained or fitted file;
+    * ``search_space`` — the method's strength knobs and a finite set of values for each:
+      ``{param: values}``, or ``{(param, param, …): (value tuples)}`` for knobs that move together
+      (e.g. TokenCache's K1 ≥ K2); the space is the product over the keys
+      (:func:`~tokencache.cache.registry.search_points`). Empty: the method runs at its configured
+      settings only.
 
     Hooks (all optional; :meth:`branch_action` computes everything by default):
 
@@ -151,6 +156,7 @@ class CacheMethod:
     calibration: ClassVar[Optional[type]] = None
     traced_overhead: ClassVar[tuple] = ()
     variants: ClassVar[tuple] = ()
+    search_space: ClassVar[dict] = {}
     _record: Optional[Callable[[str, int], None]] = None
     _host_read: Optional[Callable[[], None]] = None
     #: the seeds of this generation's samples (see the class doc), or None

@@ -255,8 +255,34 @@ def method_spec(name: str, params: dict) -> str:
     return f"{name}:{items}" if items else name
 
 
+def search_points(method: Union[str, type]) -> list[dict]:
+    """Every point of a method's declared ``search_space``, as parameter dicts, in a fixed order.
+
+    The product over the space's keys, the first key varying slowest; a key that is a tuple of
+    names takes its values together. Each point is checked by building the method, so a space
+    that names an unknown parameter or a value out of range fails here, in one line.
+    """
+    import itertools
+
+    cls = method_class(method) if isinstance(method, str) else method
+    axes = []
+    for key, values in cls.search_space.items():
+        names = key if isinstance(key, tuple) else (key,)
+        rows = [value if isinstance(key, tuple) else (value,) for value in values]
+        if not rows or any(len(row) != len(names) for row in rows):
+            raise ValueError(f"{cls.name}: search_space[{key!r}] needs one value per name in each entry")
+        axes.append([dict(zip(names, row)) for row in rows])
+    points = [dict(pair for part in combo for pair in part.items()) for combo in itertools.product(*axes)] if axes else []
+    for point in points:
+        try:
+            cls(**point)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{cls.name}: search-space point {point} is not a valid setting ({exc})") from exc
+    return points
+
+
 def describe_methods() -> list[dict]:
-    """JSON-serialisable list of {name, doc, role, host_sync, params, calibration, source}."""
+    """JSON-serialisable list of {name, doc, role, host_sync, params, calibration, search_space, source}."""
     out = []
     for name in available_methods():
         cls = _REGISTRY[name]
@@ -265,8 +291,12 @@ def describe_methods() -> list[dict]:
         if cls.calibration is not None:
             calibration = {"file_parameter": cls.calibration.file_param, "title": cls.calibration.title,
                            "settings": describe_params(cls.calibration)}
+        space = {",".join(k) if isinstance(k, tuple) else k: [list(v) if isinstance(v, tuple) else v for v in values]
+                 for k, values in cls.search_space.items()}
         out.append({"name": name, "doc": doc, "role": cls.role, "host_sync": cls.host_sync,
-                    "params": describe_params(cls), "calibration": calibration, "source": _source(cls)})
+                    "params": describe_params(cls), "calibration": calibration,
+                    "search_space": {"knobs": space, "points": len(search_points(cls))} if space else None,
+                    "source": _source(cls)})
     return out
 
 
