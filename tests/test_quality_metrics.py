@@ -477,3 +477,35 @@ def test_sample_count_labels():
     from tokencache.metrics.quality import sample_count_label
 
     assert [sample_count_label(n) for n in (50_000, 5_000, 450, 1_500)] == ["50K", "5K", "450", "1500"]
+
+
+def test_reference_features_extracted_once_give_the_same_metrics(tmp_path):
+    """`tokencache reference-features` then `evaluate --reference-features`: the same record as extracting
+    the reference images' features in the evaluation; another reference batch or extractor is refused."""
+    from tokencache.data.digits import digits_to_uint8, load_digits_dataset
+    from tokencache.data.npz import save_samples_npz
+    from tokencache.metrics.features import load_extractor
+    from tokencache.metrics.quality import evaluate_run
+    from tokencache.metrics.reference import (ReferenceFeaturesMismatch, save_reference_batch,
+                                              save_reference_features)
+    from tokencache.weights import shipped_path
+
+    weights, reference = shipped_path("digits-evaluator"), shipped_path("digits-reference")
+    data = load_digits_dataset("test")
+    samples = tmp_path / "samples.npz"
+    save_samples_npz(samples, digits_to_uint8(data.images[:40]), data.labels[:40])
+    extractor = load_extractor("digits", weights, "cpu")
+    features = tmp_path / "reference_features.npz"
+    info = save_reference_features(features, reference, extractor)
+    assert info["images"] > 40 and info["pool_dim"] == 128
+
+    def record(**kw):
+        out = evaluate_run(samples, reference, features="digits", weights_path=weights, bootstrap=20, **kw)
+        out["bootstrap"].pop("seconds")  # timings differ
+        return {k: v for k, v in out.items() if k != "provenance"}
+
+    assert record(reference_features=features) == record()
+    other = tmp_path / "other_reference.npz"
+    save_reference_batch(other, digits_to_uint8(data.images[:30]), extractor="digits", weights_path=weights)
+    with pytest.raises(ReferenceFeaturesMismatch, match="another reference sha256"):
+        evaluate_run(samples, other, features="digits", weights_path=weights, reference_features=features)

@@ -35,7 +35,7 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 #: subcommands that compute with torch: they take --threads
 COMPUTE_COMMANDS = {"train-backbone", "sample", "calibrate", "train-evaluator",
-                    "reference", "evaluate", "flops", "latency", "standins"}
+                    "reference", "reference-features", "evaluate", "flops", "latency", "standins"}
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -352,6 +352,22 @@ def cmd_reference(args) -> None:
     _emit(result, args.json, f"wrote {args.out}: {len(images)} images from {source} ({args.features} features)")
 
 
+def cmd_reference_features(args) -> None:
+    """The reference batch's image features, extracted once for every evaluation against it."""
+    from tokencache.checks import check_output_file
+    from tokencache.metrics.features import load_extractor
+    from tokencache.metrics.reference import save_reference_features
+
+    check_output_file(args.out)
+    reference = resolve_reference(args.reference)
+    extractor = load_extractor(args.features, resolve_weights(args.weights),
+                               None if args.device == "auto" else args.device)
+    info = save_reference_features(args.out, reference, extractor, batch_size=args.batch_size,
+                                   progress=not args.quiet)
+    result = {"out": str(args.out), "reference": str(reference), "features": args.features, **info}
+    _emit(result, args.json, f"wrote {args.out}: {args.features} features of {info['images']} reference images")
+
+
 def cmd_evaluate(args) -> None:
     from tokencache.checks import check_output_file
     from tokencache.io import write_atomic
@@ -363,7 +379,8 @@ def cmd_evaluate(args) -> None:
                           weights_path=resolve_weights(args.weights), fidelity_to=args.fidelity_to,
                           batch_size=args.batch_size, device=None if args.device == "auto" else args.device,
                           progress=not args.quiet, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
-                          bootstrap_out=bootstrap_path(args.out) if args.out else None)
+                          bootstrap_out=bootstrap_path(args.out) if args.out else None,
+                          reference_features=args.reference_features)
     if args.out:
         write_atomic(Path(args.out), result)
     human = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "sfid", "inception_score", "precision", "recall",
@@ -507,6 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the resampled index sets (the same for every run: intervals of differences pair up)")
     p.add_argument("--out", default=None, help="also write the JSON here (and the bootstrap values beside it, "
                                                "<name>.bootstrap.npz)")
+    p.add_argument("--reference-features", default=None, metavar="NPZ",
+                   help="the reference images' features from `tokencache reference-features` (instead of extracting "
+                        "them for this evaluation; checked against --reference and --weights)")
+
+    p = add("reference-features", cmd_reference_features,
+            "extract a reference batch's image features once, for every `evaluate --reference-features`")
+    p.add_argument("reference", help="ADM reference batch .npz with images (arr_0); `shipped`: the digits testbed's")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception")
+    p.add_argument("--weights", default=None, help="Inception weights file, or the digits evaluator .pt (`shipped`)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="features .npz")
 
     p = add("flops", cmd_flops, "MACs (the DiT paper's 'Gflops') of one forward, or per image of a sampling run")
     p.add_argument("--model", default=None, help="preset or family, e.g. DiT-XL/2")

@@ -29,15 +29,18 @@ def sample_count_label(n: int) -> str:
 
 
 def _reference_stats(reference: dict, extractor, batch_size: int, device,
-                     progress: bool = False) -> tuple[dict, np.ndarray | None]:
-    """Reference statistics (from the npz, else from its images) and its pool features if it has images."""
+                     progress: bool = False, features: dict | None = None) -> tuple[dict, np.ndarray | None]:
+    """Reference statistics (from the npz, else from its images) and its pool features if it has images.
+
+    ``features``: the images' features extracted once (:func:`~tokencache.metrics.reference.load_reference_features`).
+    """
     from tokencache.metrics.features import extract_features
 
     pool = None
     stats = {key: reference[key] for key in ("mu", "sigma", "mu_s", "sigma_s") if key in reference}
     if "arr_0" in reference:
-        feats = extract_features(reference["arr_0"], extractor, batch_size=batch_size, device=device,
-                                 progress=progress)
+        feats = features if features is not None else extract_features(
+            reference["arr_0"], extractor, batch_size=batch_size, device=device, progress=progress)
         pool = feats["pool"]
         if "mu" not in stats:
             stats["mu"], stats["sigma"] = feature_statistics(feats["pool"])
@@ -68,7 +71,8 @@ def evaluate_quality(
     return _quality(samples, reference_path, features, weights_path, labels, batch_size, device, k, progress)[0]
 
 
-def _quality(samples, reference_path, features, weights_path, labels, batch_size, device, k, progress):
+def _quality(samples, reference_path, features, weights_path, labels, batch_size, device, k, progress,
+             reference_features=None):
     """:func:`evaluate_quality`'s result and what the bootstrap needs (features, reference)."""
     from tokencache.checks import check_labels
     from tokencache.metrics.bootstrap import KID_MAX_SUBSET, KID_SEED, KID_SUBSETS, kid
@@ -93,7 +97,12 @@ def _quality(samples, reference_path, features, weights_path, labels, batch_size
     if labels is not None and extractor.label_classifier:
         check_labels(labels, extractor.num_classes, source)
     sample_feats = extract_features(images, extractor, batch_size=batch_size, progress=progress)
-    ref_stats, ref_pool = _reference_stats(reference, extractor, batch_size, device, progress)
+    cached = None
+    if reference_features is not None:
+        from tokencache.metrics.reference import load_reference_features
+
+        cached = load_reference_features(reference_features, reference_path, extractor)
+    ref_stats, ref_pool = _reference_stats(reference, extractor, batch_size, device, progress, cached)
     if ref_stats["mu"].shape[-1] != sample_feats["pool"].shape[1]:
         raise ValueError(
             f"reference statistics are {ref_stats['mu'].shape[-1]}-d but the {features!r} extractor gives "
@@ -156,7 +165,8 @@ def evaluate_run(samples: str | os.PathLike, reference_path: str | os.PathLike, 
                  weights_path: str | os.PathLike | None = None, fidelity_to: str | os.PathLike | None = None,
                  batch_size: int = 64, device: str | None = None, progress: bool = False,
                  bootstrap: int = 0, bootstrap_seed: int = 0,
-                 bootstrap_out: str | os.PathLike | None = None) -> dict:
+                 bootstrap_out: str | os.PathLike | None = None,
+                 reference_features: str | os.PathLike | None = None) -> dict:
     """:func:`evaluate_quality` of a sample npz, plus its fidelity to the uncached run's images.
 
     ``fidelity_to``: the npz of the uncached run with the same seed and sample count; adds
@@ -166,12 +176,15 @@ def evaluate_run(samples: str | os.PathLike, reference_path: str | os.PathLike, 
     ``bootstrap``: resamples of the samples (0: none) for 95% percentile intervals of every
     metric (``ci95``); the resampled values go to ``bootstrap_out`` (npz) when given, where
     :func:`tokencache.metrics.bootstrap.paired_interval` pairs them with another run's
-    (same size and seed: same index sets). The result also records its provenance.
+    (same size and seed: same index sets). ``reference_features``: the reference images' features
+    extracted once (``tokencache reference-features``), used instead of extracting them here. The
+    result also records its provenance.
     """
     from tokencache.metrics.fidelity import identical, psnr, psnr_cap, ssim
     from tokencache.provenance import provenance
 
-    result, context = _quality(samples, reference_path, features, weights_path, None, batch_size, device, 3, progress)
+    result, context = _quality(samples, reference_path, features, weights_path, None, batch_size, device, 3, progress,
+                               reference_features)
     per_image = {}
     if fidelity_to:
         images = context["images"]

@@ -21,6 +21,55 @@ from tokencache.metrics.features import extract_features
 from tokencache.metrics.fid import feature_statistics
 
 REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "arr_0", "extractor")
+FEATURES_FORMAT = "tokencache-reference-features/1"
+
+
+class ReferenceFeaturesMismatch(ValueError):
+    """A reference-features file made from another reference batch or another extractor's weights."""
+
+
+def save_reference_features(path: str | os.PathLike, reference_path: str | os.PathLike, extractor,
+                            batch_size: int = 64, progress: bool = False) -> dict:
+    """Extract the reference images' (``arr_0``) pool and spatial features once, for every evaluation.
+
+    Each evaluation needs them for precision/recall and KID (and for the statistics when the
+    batch holds none); ADM's batch has 10,000 images, so extracting them once instead of once per
+    run saves that many Inception forwards per evaluated run. The file records the reference
+    batch's sha256 and the extractor's weights, and :func:`load_reference_features` refuses it
+    for any other pair. ``extractor``: a loaded :class:`~tokencache.metrics.features.FeatureExtractor`.
+    """
+    from tokencache.io import sha256_file
+
+    reference = load_reference_batch(reference_path)
+    if "arr_0" not in reference:
+        raise ValueError(f"{reference_path} holds no images (arr_0): there are no reference features to extract")
+    feats = extract_features(reference["arr_0"], extractor, batch_size=batch_size, progress=progress)
+    record = {"format": np.array(FEATURES_FORMAT), "pool": feats["pool"], "spatial": feats["spatial"],
+              "reference_sha256": np.array(sha256_file(reference_path)),
+              "extractor": np.array(extractor.name),
+              "weights_sha256": np.array(str(extractor.identity.get("weights_sha256")))}
+    write_atomic(path, record, format="npz")
+    return {"images": int(len(reference["arr_0"])), "pool_dim": int(feats["pool"].shape[1])}
+
+
+def load_reference_features(path: str | os.PathLike, reference_path: str | os.PathLike, extractor) -> dict:
+    """The ``pool`` and ``spatial`` features of :func:`save_reference_features`, checked against the pair."""
+    from tokencache.io import sha256_file
+
+    with open_npz(path, "reference features") as data:
+        values = {key: read_array(data, key, path, "reference features") for key in
+                  ("format", "pool", "spatial", "reference_sha256", "extractor", "weights_sha256")}
+    if str(values["format"]) != FEATURES_FORMAT:
+        raise ReferenceFeaturesMismatch(f"{path} is not a reference-features file ({FEATURES_FORMAT}): make one with "
+                                        "`tokencache reference-features`")
+    want = {"reference_sha256": sha256_file(reference_path), "extractor": extractor.name,
+            "weights_sha256": str(extractor.identity.get("weights_sha256"))}
+    for key, expected in want.items():
+        if str(values[key]) != expected:
+            raise ReferenceFeaturesMismatch(
+                f"{path} was made for another {key.replace('_', ' ')} ({str(values[key])[:16]}…, here "
+                f"{expected[:16]}…): remake it with `tokencache reference-features {reference_path} …`")
+    return {"pool": values["pool"], "spatial": values["spatial"]}
 
 
 def load_reference_batch(path: str | os.PathLike) -> dict[str, np.ndarray | str]:

@@ -131,6 +131,27 @@ if FEATURES == "inception":
             url, digest = fetch_atomic(params.url, output.weights, prefix.group(1) if prefix else None)
             write_atomic(log[0], f"{url} → {output.weights}\nsha256 {digest}\n")
 
+    rule reference_features:
+        # the reference images' Inception features, extracted once for every evaluation (ADM's batch:
+        # 10,000 images, which each evaluation would otherwise run through Inception again)
+        input:
+            ref=REFERENCE_FILE,
+            weights=rules.download_inception.output.weights,
+        output:
+            features=f"{RESULTS}/reference/inception_features.npz",
+        log:
+            f"{RESULTS}/logs/evaluate/reference_features.log",
+        params:
+            batch=config.get("eval_batch_size", 64),
+            device=config["device"],
+        threads: THREADS
+        resources:
+            gpu=1 if config["device"] == "cuda" else 0,
+        shell:
+            "tokencache reference-features {input.ref} --features inception --weights {input.weights} "
+            "--batch-size {params.batch} --device {params.device} --threads {threads} --out {output.features} "
+            "--quiet --json > {log} 2>&1"
+
     rule evaluate_inception:
         # ADM's definitions on Inception features against the downloaded reference batch; in its own
         # process (50,000 images do not belong in the workflow's process) and on the GPU
@@ -138,6 +159,7 @@ if FEATURES == "inception":
             npz=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/samples.npz",
             ref=REFERENCE_FILE,
             weights=rules.download_inception.output.weights,
+            ref_features=rules.reference_features.output.features,
             full=full_run,
         output:
             metrics=f"{RESULTS}/runs/{{model}}/{{sampler}}/{{method}}/metrics.json",
@@ -157,7 +179,8 @@ if FEATURES == "inception":
         run:
             shell(
                 "tokencache evaluate {input.npz} --reference {input.ref} --features inception "
-                "--weights {input.weights} {params.fidelity} --batch-size {params.batch} --device {params.device} "
+                "--weights {input.weights} --reference-features {input.ref_features} {params.fidelity} "
+                "--batch-size {params.batch} --device {params.device} "
                 "--bootstrap {params.resamples} --bootstrap-seed {params.seed} --threads {threads} "
                 "--out {output.metrics} --quiet --json > {log} 2>&1"
             )
