@@ -89,10 +89,10 @@ from tokencache.baselines._scores import (
 from tokencache.cache import COMPUTE, REUSE, CacheMethod, Compute, Span, param, register_method, sampling_steps
 
 #: the official ``fresh_ratio_scheduler.py`` names (``'cosine'``, accepted by the command line, raises there)
+SCHEDULES = ("ToCa", "constant", "linear", "exp", "linear-mode", "layerwise", "linear-layerwise")
 #: s1 sources (``sample.py`` 115; 'random' is not offered, see below; 'similarity', 'norm' and 'compress' are
 #: listed there but have no score in ``scores.py``)
 CACHE_TYPES = ("attention", "kv-norm")
-SCHEDULES = ("ToCa", "constant", "linear", "exp", "linear-mode", "layerwise", "linear-layerwise")
 MODULE_TIME_WEIGHT = 0.6  # fresh_ratio_scheduler.py 33, 51
 SCHEDULE_WEIGHT = 0.9  # fresh_ratio_scheduler.py 11
 MODE_WEIGHT = 0.1  # fresh_ratio_scheduler.py 21

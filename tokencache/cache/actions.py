@@ -44,7 +44,7 @@ class Compute:
     ``attention=True`` runs the attention branch with explicit softmax and hands the
     probabilities (B, heads, N, N) to the method's ``observe`` (ToCa's token scores);
     ``values=True`` hands it the value heads (B, heads, N, head_dim) as ``observe(…, values=)``
-    (DuCa's kv-norm score; the attention stays fused unless ``attention`` is asked for too).
+    (for scores from the values; the attention stays fused unless ``attention`` is asked for too).
     """
 
     store: bool = True

@@ -134,7 +134,8 @@ class CacheMethod:
     * ``branch_action(step, block, branch)`` → an action for branch "attn" or "mlp";
     * ``observe(step, block, branch, *, x, output, attention, rows)`` — after a branch was
       computed (fully or partly); ``output`` is the stored tensor (keep it only if you clone it
-      or the engine stores it), ``rows`` the batch rows computed (None: all). Looked up only
+      or the engine stores it), ``rows`` the batch rows computed (None: all); a branch computed
+      with ``Compute(values=True)`` also passes ``values=`` (its value heads). Looked up only
       when a subclass defines it, so methods that need nothing pay nothing;
     * ``observe_block(step, block, output)`` — after a block ran (or a span handed its output
       on), with the block's output (B, N, D) as the next block receives it; looked up the same way.

@@ -205,7 +205,7 @@ class Attention(nn.Module):
     * ``return_attention``: also return the softmax probabilities (B, heads, q, n); this path
       uses an explicit softmax, the others use fused ``scaled_dot_product_attention``.
     * ``return_values``: also return the value heads (B, heads, n, head_dim), after the
-      probabilities when both are asked for (DuCa's value-norm token score).
+      probabilities when both are asked for (for token scores from the values).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_window: Optional[int] = None):
