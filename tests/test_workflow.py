@@ -24,7 +24,7 @@ SMOKE = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
 ABLATION = {"abl-random": {"method": "tokencache:predictor=auto,token_choice=random", "models": ["DiT-digits"]}}
 #: a user's own method (baselines/README.md's first example) run beside the built-ins
 PLUGIN_RUN = {"every-other": {"method": "every-other:interval=2", "models": ["DiT-digits"]}}
-PLOTS = ["pareto_macs", "pareto_latency", "macs_vs_fid", "token_fraction", "calibration", "samples_grid"]
+PLOTS = ["pareto_macs", "pareto_latency", "macs_vs_fid", "token_fraction", "calibration", "tuning", "samples_grid"]
 
 #: every test here but two runs Snakemake (5-180 s each on a busy 2-core machine; the smoke run is a
 #: module fixture): the whole file is outside the inner loop, `pytest -m "not slow"`
@@ -46,13 +46,20 @@ def snakemake(*args: str, timeout: float = 60, cwd: Path = ROOT) -> subprocess.C
     return subprocess.run([SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def expected_runs() -> set[tuple[str, str, str]]:
-    """(model id, sampler, label) of every run of the smoke config plus the ablation label."""
+def expected_runs(results: Path = None) -> set[tuple[str, str, str]]:
+    """(model id, sampler, label) of every run of the smoke config plus the ablation label, and the
+    tuned points each front file of ``results`` marks for evaluation."""
+    import json
+
     runs = set()
     for label, spec in {**SMOKE["methods"], **PLUGIN_RUN, **ABLATION}.items():
         for model in spec.get("models", SMOKE["backbones"]):
             for sampler in spec.get("samplers", SMOKE["samplers"]):
                 runs.add((model.replace("/", "_"), sampler, label))
+    for front in sorted(results.glob("tuning/*/*/front.json")) if results else []:
+        record = json.loads(front.read_text())
+        runs |= {(front.parts[-3], front.parts[-2], p["label"]) for family in record["methods"].values()
+                 for p in family["points"] if p["evaluate"]}
     return runs
 
 
@@ -90,8 +97,8 @@ def smoke_run(tmp_path_factory):
 def test_smoke_tables(smoke_run):
     _, results = smoke_run
     table = pd.read_csv(results / "tables" / "main.csv")
-    assert set(zip(table.model, table.sampler, table.method)) == expected_runs()
-    assert len(table) == len(expected_runs())
+    assert set(zip(table.model, table.sampler, table.method)) == expected_runs(results)
+    assert len(table) == len(expected_runs(results)) > len(expected_runs())
     assert all(math.isfinite(v) for v in table.fid)
     # every metric carries its bootstrap interval, every cached run its paired difference from full
     for metric in ("fid", "sfid", "inception_score", "precision", "recall", "kid", "class_consistency"):
@@ -111,7 +118,7 @@ def test_smoke_tables(smoke_run):
     # measured time is volatile: in the latency table, not in the main table a rerun reproduces
     assert not {"latency_s_per_image", "speedup", "seconds"} & set(table.columns)
     latency = pd.read_csv(results / "tables" / "latency.csv")
-    assert set(zip(latency.model, latency.sampler, latency.method)) == expected_runs()
+    assert set(zip(latency.model, latency.sampler, latency.method)) == expected_runs(results)
     assert (latency.seconds > 0).all() and latency.loc[latency.role == "reference", "speedup"].eq(1.0).all()
 
     ablation = pd.read_csv(results / "tables" / "ablation.csv")
@@ -133,7 +140,7 @@ def test_smoke_plots_and_report(smoke_run):
 
     assert not list(results.glob(".report*"))
     html = (results / "report.html").read_text(errors="replace")
-    for item in [f"{p}.png" for p in PLOTS] + ["main.csv", "ablation.csv"]:
+    for item in [f"{p}.png" for p in PLOTS] + ["main.csv", "ablation.csv", "budgets.csv", "quality_budgets.csv"]:
         assert item in html, item
 
 
@@ -164,6 +171,56 @@ def test_no_ablation_runs_table(smoke_run, tmp_path):
                 [], out)
     assert Path(out["ablation_md"]).read_text().startswith("No ablation runs were configured")
     assert pd.read_csv(out["ablation_csv"]).columns.tolist() == ["note"]
+
+
+def test_budget_tables_of_the_tuned_fronts(smoke_run):
+    """The tuning stage ran on the tuning seed only, its evaluated points are runs, the budget tables name them."""
+    import json
+
+    _, results = smoke_run
+    front = json.loads((results / "tuning" / "DiT-digits" / "ddim5" / "front.json").read_text())
+    assert front["seed"] == SMOKE["tuning"]["seed"] != SMOKE["seed"]
+    assert list(front["methods"]) == list(SMOKE["tuning"]["methods"])
+    assert not (results / "tuning" / "MDTv2-digits").exists()  # tuning.models: DiT only
+    for family in front["methods"].values():
+        assert any(p["front"] for p in family["points"]) and all(p["front"] for p in family["points"] if p["evaluate"])
+    budgets = pd.read_csv(results / "tables" / "budgets.csv")
+    table = pd.read_csv(results / "tables" / "main.csv")
+    assert set(budgets.family) <= set(SMOKE["tuning"]["methods"])
+    assert set(budgets.label.dropna()) <= set(table.method[table.method.str.contains("@")])
+    assert (results / "tables" / "headline.md").read_text().strip()
+
+
+def test_the_selection_never_sees_an_evaluation_seed_image(smoke_run, tmp_path):
+    """Every evaluation-seed image of a copy of the smoke results replaced by noise, the fronts
+    selected again: the same bytes (the selection reads the tuning seed's files alone)."""
+    import numpy as np
+
+    name, first = smoke_run
+    moved = f"{name}-moved"
+    copy = ROOT / "results" / moved
+    shutil.copytree(first, copy, symlinks=True)
+    try:
+        fronts = {path: path.read_bytes() for path in copy.glob("tuning/*/*/front.json")}
+        assert fronts
+        rng = np.random.default_rng(0)
+        replaced = 0
+        for npz in copy.glob("runs/*/*/*/samples.npz"):
+            with np.load(npz) as data:
+                images, labels = data["arr_0"], data["arr_1"]
+            np.savez(npz, arr_0=rng.integers(0, 256, images.shape, dtype=np.uint8), arr_1=labels)
+            replaced += 1
+        assert replaced == len(expected_runs(first))
+        config = plugin_config(tmp_path / "user")
+        done = snakemake("--cores", "1", "--configfile", str(config), "--config", f"name={moved}",
+                         f"methods={ABLATION}", "ablation=['abl-random']", "report=false", "--forcerun", "select_front",
+                         "--", *[str(path.relative_to(ROOT)) for path in fronts], timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "select_front" in done.stdout + done.stderr  # selected again, not skipped as up to date
+        for path, data in fronts.items():
+            assert path.read_bytes() == data, path
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -208,7 +265,7 @@ def test_rerun_elsewhere_rewrites_only_volatile_files(smoke_run, tmp_path):
 
     report = compare_results(first, second)
     assert report["identical"] and report["agree"]
-    assert report["samples"]["runs"] == len(expected_runs()) and report["samples"]["images_differing"] == 0
+    assert report["samples"]["runs"] == len(expected_runs(first)) and report["samples"]["images_differing"] == 0
 
 
 def test_a_banner_titles_every_table_and_figure(smoke_run, tmp_path):

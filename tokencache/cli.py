@@ -34,7 +34,7 @@ from tokencache.errors import UserError  # noqa: E402
 USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 #: subcommands that compute with torch: they take --threads
-COMPUTE_COMMANDS = {"train-backbone", "sample", "calibrate", "train-evaluator",
+COMPUTE_COMMANDS = {"train-backbone", "sample", "tune", "calibrate", "train-evaluator",
                     "reference", "reference-features", "evaluate", "flops", "latency", "standins"}
 
 
@@ -125,6 +125,34 @@ def cmd_sample(args) -> None:
     )
     summary = run_sampling(request, progress=not args.quiet)
     _emit(summary, args.json, f"wrote {summary['num_samples']} samples to {args.out} in {summary['seconds']} s")
+
+
+def cmd_tune(args) -> None:
+    """Every point of a method's search space on tuning seeds: MACs speed-up and PSNR to full."""
+    from tokencache.cache import parse_method_spec
+    from tokencache.checks import check_output_file
+    from tokencache.io import write_atomic
+    from tokencache.run import SampleRequest
+    from tokencache.tuning import tune
+
+    method, method_params = parse_method_spec(args.method)
+    check_output_file(args.out)
+    if not Path(args.reference).is_file() or not Path(args.reference).with_suffix(".json").is_file():
+        raise FileNotFoundError(f"--reference {args.reference} (and its .json) not found: sample the uncached model "
+                                f"first, e.g. tokencache sample --seed {args.seed} --num-samples {args.num_samples} "
+                                f"--sampler {args.sampler} --out {args.reference}")
+    request = SampleRequest(
+        model=args.model, checkpoint=args.checkpoint, overrides=parse_overrides(args.model_set),
+        sampler=args.sampler, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, num_samples=args.num_samples,
+        batch_size=args.batch_size, seed=args.seed, out=args.out, vae=args.vae, device=args.device,
+        clip_denoised=args.clip_denoised, method=method, method_params=method_params,
+    )
+    record, volatile = tune(request, args.reference, args.label or method, progress=not args.quiet)
+    write_atomic(args.out, record, format="json")
+    write_atomic(Path(args.out).with_suffix(".provenance.json"), volatile, format="json")
+    front = [p for p in record["points"] if p["front"]]
+    _emit(record, args.json, f"wrote {args.out}: {len(record['points'])} points of {record['family']}, "
+                             f"{len(front)} on its front")
 
 
 def cmd_methods(args) -> None:
@@ -477,6 +505,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="caching method and its parameters, e.g. fora:interval=3 (see `tokencache methods`; "
                         "default: the uncached reference)")
     p.add_argument("--out", required=True, help="output .npz")
+
+    p = add("tune", cmd_tune, "sample every point of a method's search space on tuning seeds and score it "
+                              "(MACs speed-up, PSNR to the uncached images); mark its non-dominated points")
+    p.add_argument("--method", required=True, metavar="NAME[:KEY=VALUE,…]",
+                   help="the method and its fixed parameters (calibration files, knobs to hold), e.g. "
+                        "toca or tokencache:predictor=FILE,version=2; the other knobs of its search space vary")
+    p.add_argument("--reference", required=True,
+                   help="the uncached model's npz on the same seed, count and sampler (`tokencache sample`)")
+    p.add_argument("--label", default=None, help="the family name in the record and in run labels (default: the method)")
+    p.add_argument("--model", default=None, help="preset or family; default: the one recorded in the checkpoint")
+    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE", help="model constructor overrides")
+    p.add_argument("--checkpoint", required=True, help="official .pt or a train-backbone checkpoint")
+    p.add_argument("--sampler", default="ddim50", help="ddpm<N> or ddim<N> (default: ddim50)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--scale-pow", type=float, default=4.0, help="MDT's power-cosine guidance exponent")
+    p.add_argument("--num-samples", type=int, default=32, help="tuning samples per point (default: 32)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, required=True,
+                   help="the tuning seed: keep it apart from the evaluation and calibration seeds")
+    p.add_argument("--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)")
+    p.add_argument("--vae", default="ema", help="latent models: ema, mse, or a local AutoencoderKL folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--out", required=True, help="the tuning record (.json; its seconds go to .provenance.json)")
 
     add("methods", cmd_methods, "list the caching methods (built in, plugin folders, entry points) with their parameters")
 

@@ -159,18 +159,36 @@ def sample_data_parallel(req: SampleRequest, progress: bool = True) -> dict:
 
 def _sample(req: SampleRequest, progress: bool = True) -> dict:
     """:func:`run_sampling` in this process."""
-    from tokencache.cache import attach, get_method, reference_method
+    from tokencache.cache import get_method, reference_method
 
     if req.method is None:
         req.method = reference_method()
     if req.num_samples < 1 or req.batch_size < 1 or req.start_index < 0:
         raise ValueError("--num-samples and --batch-size must be ≥ 1 and --start-index ≥ 0")
-    method = get_method(req.method, **req.method_params)  # bad method/parameter: fail before loading anything
+    get_method(req.method, **req.method_params)  # bad method/parameter: fail before loading anything
     parse_sampler(req.sampler)
     device = resolve_device(req.device)
     model = build_model(req.checkpoint, req.model, req.overrides).to(device)
     check_output_file(req.out, sample_file_bytes(req.num_samples, image_side(model)))  # full disk: say so now
     vae = load_vae(req.vae, device) if model.in_channels == 4 else None
+    images, labels, summary = generate_images(model, vae, req, progress)
+    save_samples_npz(req.out, images, labels)
+    summary.update(request=asdict(req), model_config=model.config, checkpoint_sha256=sha256_of(req.checkpoint),
+                   device=str(device), torch=torch.__version__, provenance=provenance(str(device)))
+    write_json_atomic(Path(req.out).with_suffix(".json"), summary)
+    return summary
+
+
+def generate_images(model, vae, req: SampleRequest, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(uint8 images, labels, summary) of samples ``req.start_index …`` with ``req``'s method and sampler.
+
+    The model (and VAE) are built by the caller, so a caller sampling many settings of one model
+    (``tokencache tune``) builds them once. The summary holds ``num_samples``, ``seconds``,
+    ``sampler``, ``steps`` and the engine's ``cache`` record of the whole run.
+    """
+    from tokencache.cache import attach, get_method
+
+    method = get_method(req.method, **req.method_params)
     images, labels, summaries = [], [], []
     start = time.perf_counter()
     indices = range(req.start_index, req.start_index + req.num_samples)
@@ -194,13 +212,9 @@ def _sample(req: SampleRequest, progress: bool = True) -> dict:
             bar.update(len(batch))
         bar.close()
     seconds = time.perf_counter() - start
-    save_samples_npz(req.out, np.concatenate(images), np.concatenate(labels))
-    summary = {"num_samples": req.num_samples, "seconds": round(seconds, 2), "request": asdict(req),
-               "model_config": model.config, "checkpoint_sha256": sha256_of(req.checkpoint),
-               "sampler": sampler.name, "steps": sampler.steps, "device": str(device), "torch": torch.__version__,
-               "cache": combine_cache_summaries(summaries), "provenance": provenance(str(device))}
-    write_json_atomic(Path(req.out).with_suffix(".json"), summary)
-    return summary
+    summary = {"num_samples": req.num_samples, "seconds": round(seconds, 2), "sampler": sampler.name,
+               "steps": sampler.steps, "cache": combine_cache_summaries(summaries)}
+    return np.concatenate(images), np.concatenate(labels), summary
 
 
 #: per-row arrays of an engine summary that a whole run averages over its samples

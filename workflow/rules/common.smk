@@ -197,17 +197,44 @@ def sampler_options(wildcards):
 
 
 METHODS = config["methods"]
+#: the tuning stage (tune.smk): ``tuning.methods`` are families whose search spaces are tuned
+TUNING = config.get("tuning") or {}
+FAMILIES = TUNING.get("methods", {})
+#: a tuned point's run label: ``FAMILY@k=v,…`` (tokencache.tuning.point_label)
+POINT_SEPARATOR = "@"
+
+
+def spec_of(entry):
+    """(method name, parameters) of a ``methods:`` or ``tuning.methods:`` entry: ``method: NAME[:k=v,…]``
+    plus an optional ``params:`` mapping."""
+    from tokencache.cache import parse_method_spec
+
+    params = dict(entry.get("params", {}))
+    files = {k: v for k, v in params.items() if v == "auto"}  # filled in per model and sampler below
+    name, given = parse_method_spec(entry["method"])
+    return name, {**given, **{k: v for k, v in params.items() if k not in files}, **files}
+
+
+def method_entry(label):
+    """The config entry of run ``label``: a ``methods:`` label, or a tuned point of a ``tuning.methods`` family."""
+    if label in METHODS:
+        return METHODS[label]
+    family = label.partition(POINT_SEPARATOR)[0]
+    if POINT_SEPARATOR in label and family in FAMILIES:
+        return FAMILIES[family]
+    raise ValueError(f"run {label!r} is neither a label of methods nor a tuned point of tuning.methods")
 
 
 def method_of(label):
-    """(method name, parameters) of run ``label``: ``method: NAME[:k=v,…]`` plus an optional ``params:`` mapping."""
+    """(method name, parameters) of run ``label``; a tuned point's knobs over its family's setting."""
     from tokencache.cache import parse_method_spec
 
-    spec = METHODS[label]
-    params = dict(spec.get("params", {}))
-    files = {k: v for k, v in params.items() if v == "auto"}  # filled in per model and sampler below
-    name, given = parse_method_spec(spec["method"])
-    return name, {**given, **{k: v for k, v in params.items() if k not in files}, **files}
+    name, params = spec_of(method_entry(label))
+    if label not in METHODS:
+        slug = label.partition(POINT_SEPARATOR)[2]
+        if slug != "configured":
+            params.update(parse_method_spec(f"{name}:{slug}")[1])
+    return name, params
 
 
 def calibration_param(name):
@@ -220,9 +247,13 @@ def calibration_param(name):
 
 def calibration_id(label):
     """The calibration artefact run ``label`` needs from the workflow (its ``FILE: auto``), or None."""
+    return spec_calibration_id(*method_of(label))
+
+
+def spec_calibration_id(name, params):
+    """The calibration artefact a method setting needs from the workflow (its ``FILE: auto``), or None."""
     from tokencache.cache import get_method
 
-    name, params = method_of(label)
     key = calibration_param(name)
     if key is None or params.get(key) != "auto":
         return None
@@ -237,20 +268,22 @@ def check_methods():
     if "full" not in METHODS or method_of("full")[0] != reference:
         raise ValueError(f"config: methods must contain `full: {{method: {reference}}}` (every method's fidelity "
                          "reference)")
-    for label, spec in METHODS.items():
+    entries = [(f"methods.{label}", spec) for label, spec in METHODS.items()]
+    entries += [(f"tuning.methods.{family}", spec) for family, spec in FAMILIES.items()]
+    for where, spec in entries:
         for key, known in (("models", BACKBONES), ("samplers", SAMPLERS)):
             unknown = sorted(set(spec.get(key, known)) - set(known))
             if unknown:
-                raise ValueError(f"config: methods.{label}.{key}: {unknown[0]!r} is not in {key} ({', '.join(known)})")
+                raise ValueError(f"config: {where}.{key}: {unknown[0]!r} is not in {key} ({', '.join(known)})")
         try:
-            name, params = method_of(label)
+            name, params = spec_of(spec)
             key = calibration_param(name)
             for k, v in params.items():
                 if v == "auto" and k != key:
                     raise ValueError(f"{name}: parameter {k} cannot be auto (only {key or 'a calibration file'})")
             get_method(name, **{k: ("<made by the workflow>" if v == "auto" else v) for k, v in params.items()})
         except (ValueError, RuntimeError) as exc:
-            raise ValueError(f"config: methods.{label}: {exc}") from None
+            raise ValueError(f"config: {where}: {exc}") from None
 
 
 check_methods()
@@ -267,9 +300,8 @@ def calibration_method(calibration):
     """``NAME:k=v`` of a run that needs calibration ``calibration`` (the file parameter left out)."""
     from tokencache.cache.registry import method_spec
 
-    for label in METHODS:
-        if calibration_id(label) == calibration:
-            name, params = method_of(label)
+    for name, params in [method_of(label) for label in METHODS] + [spec_of(entry) for entry in FAMILIES.values()]:
+        if spec_calibration_id(name, params) == calibration:
             return method_spec(name, {k: v for k, v in params.items() if k != calibration_param(name)})
     raise ValueError(f"no run needs calibration {calibration!r}")
 
@@ -297,14 +329,16 @@ def check_backbones_and_samplers():
             parse_sampler(sampler)
         except ValueError as exc:
             raise ValueError(f"config: samplers.{sampler}: {exc}") from None
-    for label in METHODS:
-        name, params = method_of(label)
+    entries = [(f"methods.{label}", spec) for label, spec in METHODS.items()]
+    entries += [(f"tuning.methods.{family}", spec) for family, spec in FAMILIES.items()]
+    for where, spec in entries:
+        name, params = spec_of(spec)
         method = get_method(name, **{k: ("<made by the workflow>" if v == "auto" else v) for k, v in params.items()})
-        for sampler in METHODS[label].get("samplers", SAMPLERS):
+        for sampler in spec.get("samplers", SAMPLERS):
             try:
                 method.transform_sampler(parse_sampler(sampler))
             except ValueError as exc:
-                raise ValueError(f"config: methods.{label}: with sampler {sampler}: {exc}") from None
+                raise ValueError(f"config: {where}: with sampler {sampler}: {exc}") from None
 
 check_backbones_and_samplers()
 
@@ -376,6 +410,20 @@ def runs_method(label, model, sampler):
     return MODEL_IDS[model] in spec.get("models", BACKBONES) and sampler in spec.get("samplers", SAMPLERS)
 
 
+def tuned_families():
+    """(model id, sampler, family) of every tuning job: ``tuning.models``/``samplers`` (default: all),
+    and each family's own ``models``/``samplers``."""
+    models = [model_id(m) for m in TUNING.get("models", BACKBONES)]
+    samplers = TUNING.get("samplers", SAMPLERS)
+    return [(m, s, family) for m in models for s in samplers for family, spec in FAMILIES.items()
+            if MODEL_IDS[m] in spec.get("models", BACKBONES) and s in spec.get("samplers", SAMPLERS)]
+
+
+def tuned_pairs():
+    """(model id, sampler) pairs that have a tuning stage, in config order."""
+    return list(dict.fromkeys((m, s) for m, s, _ in tuned_families()))
+
+
 def run_dirs(methods=None):
     return [f"{RESULTS}/runs/{m}/{s}/{label}" for m in MODEL_IDS for s in SAMPLERS for label in (methods or METHODS)
             if runs_method(label, m, s)]
@@ -383,18 +431,16 @@ def run_dirs(methods=None):
 
 def calibration_files():
     """The calibration files the runs use (made by the workflow for ``auto``, or given), sorted."""
+    settings = [(m, s, *method_of(label)) for m in MODEL_IDS for s in SAMPLERS for label in METHODS
+                if runs_method(label, m, s)]
+    settings += [(m, s, *spec_of(FAMILIES[family])) for m, s, family in tuned_families()]
     files = set()
-    for m in MODEL_IDS:
-        for s in SAMPLERS:
-            for label in METHODS:
-                if not runs_method(label, m, s):
-                    continue
-                name, params = method_of(label)
-                key = calibration_param(name)
-                if key is None or not params.get(key):
-                    continue
-                calibration = calibration_id(label)
-                files.add(calibration_path(calibration, m, s) if calibration else params[key])
+    for m, s, name, params in settings:
+        key = calibration_param(name)
+        if key is None or not params.get(key):
+            continue
+        calibration = spec_calibration_id(name, params)
+        files.add(calibration_path(calibration, m, s) if calibration else params[key])
     return sorted(files)
 
 
@@ -417,6 +463,8 @@ def plot_outputs():
     names = ["pareto_macs", "pareto_latency", "pareto_psnr", "macs_vs_fid", "token_fraction"]
     if calibration_files():
         names.append("calibration")
+    if TUNING:
+        names.append("tuning")
     return {name: f"{RESULTS}/plots/{name}.png" for name in names}
 
 
@@ -428,6 +476,7 @@ def final_outputs():
         f"{RESULTS}/tables/ablation.md",
         f"{RESULTS}/tables/latency.csv",
         f"{RESULTS}/tables/latency.md",
+        *budget_outputs().values(),
         *plot_outputs().values(),
         f"{RESULTS}/plots/samples_grid.png",
     ]

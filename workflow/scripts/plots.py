@@ -9,6 +9,10 @@ measured speed-up) and the runs' ``run.json``.
   The Pareto front of all points of a panel (nothing is both faster and better) is the thick band.
   ``pareto_latency.png`` draws this machine's measured time: it is volatile
   (``tokencache.results.VOLATILE``), every other figure is deterministic.
+  Tuned runs (label ``FAMILY@SLUG``, the non-dominated points of a family's search space that the
+  tuning stage selected) form one curve per *family* instead, without a label per point: several
+  families can share a cache method (``tokencache`` and ``tokencache-v2``), and their fronts are
+  different curves.
 * ``pareto_psnr.png``: MACs speed-up against PSNR to the reference run's images (fidelity; the
   metric that separates methods on the testbed, where FID of a few hundred samples is noisy);
   images identical to their uncached twin count at the PSNR cap, where the reference is drawn.
@@ -20,6 +24,9 @@ as a vertical bar (``main`` returns the points, so the tests can check that none
   and MLP of every block; 1 = a full step), one row per model and sampler, one column per method.
 * ``calibration.png`` (only when runs use calibration files): what each trained or fitted part
   learned, one panel per file, drawn by its method's calibration (``Calibration.figure``).
+* ``tuning.png`` (only with a tuning stage): the tuning seeds' view, from each
+  ``tuning/<model>/<sampler>/front.json``: every point of every family's search space (faint)
+  and each family's non-dominated points joined by a line, MACs speed-up against PSNR to full.
 
 Every figure is written atomically (a temporary file, then a rename).
 """
@@ -72,7 +79,7 @@ def save_atomic(fig, path) -> None:
 
 
 def load_points(table_csv, run_paths) -> tuple[pd.DataFrame, dict]:
-    """The main table with each label's method name, and every run's JSON by (model, sampler, label)."""
+    """The main table with each label's method name and curve, and every run's JSON by (model, sampler, label)."""
     table = pd.read_csv(table_csv).rename(columns={"method": "label"})
     runs = {}
     for path in run_paths:
@@ -81,7 +88,30 @@ def load_points(table_csv, run_paths) -> tuple[pd.DataFrame, dict]:
     keys = list(zip(table.model, table.sampler, table.label))
     table["method"] = [runs[key]["cache"]["method"] for key in keys]
     table["role"] = [runs[key]["cache"].get("role", "cache") for key in keys]
+    table["curve"] = curve_names(table)
     return table, runs
+
+
+def family_of(label: str):
+    """The family of a tuned run's label ``FAMILY@SLUG`` (text before the first ``@``); None when hand-picked."""
+    return label.split("@", 1)[0] if "@" in label else None
+
+
+def curve_names(table: pd.DataFrame) -> list[str]:
+    """The curve of each row: its family for a tuned run, its cache method for a hand-picked one.
+
+    Families, not methods, for tuned runs: two families of one method (``tokencache`` and
+    ``tokencache-v2``) are two search spaces and two fronts. A family named like a hand-picked
+    run's method becomes ``FAMILY (tuned)``, so that a front is never joined to hand-picked points.
+    """
+    families = [family_of(str(label)) for label in table.label]
+    hand_picked = {m for m, f in zip(table.method, families) if f is None}
+    return [m if f is None else (f"{f} (tuned)" if f in hand_picked else f) for m, f in zip(table.method, families)]
+
+
+def curve_of(table: pd.DataFrame) -> pd.Series:
+    """Each row's curve (:func:`curve_names`); its method for a table loaded without curves."""
+    return table["curve"] if "curve" in table else table["method"]
 
 
 def image_values(model_config: dict) -> int:
@@ -91,8 +121,9 @@ def image_values(model_config: dict) -> int:
 
 
 def method_styles(table: pd.DataFrame) -> dict:
-    """Method → (colour, marker, role), the same in every figure; the reference black, fewer steps grey."""
-    roles = dict(zip(table.method, table.role))
+    """Curve (method, or tuned family) → (colour, marker, role), the same in every figure; the reference
+    black, fewer steps grey."""
+    roles = dict(zip(curve_of(table), table.role))
     first = [m for role in FIRST_ROLES for m in sorted(roles) if roles[m] == role]
     ordered = first + sorted(set(roles) - set(first))
     palette = iter(sns.color_palette("colorblind", n_colors=max(1, len(ordered))))
@@ -172,7 +203,8 @@ def plot_points(table: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str, title: str,
                          maximize_x: bool, out, y: str = "fid", ylabel: str = "FID (lower is better)") -> pd.DataFrame:
-    """A quality column ``y`` against a cost axis, one panel per model and sampler, one curve per method.
+    """A quality column ``y`` against a cost axis, one panel per model and sampler, one curve per method
+    (per family for tuned runs: :func:`curve_names`).
 
     ``maximize_x``: True for a speed-up (1× = full, better to the right), False for MACs.
     ``y`` = "fid" (lower is better) or "psnr_to_full" (fidelity to the uncached images, higher is
@@ -196,7 +228,7 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
             drawn.append(sub)
             bars = sub[np.isfinite(sub.y_lo.astype(float)) & np.isfinite(sub.y_hi.astype(float))]
             for method, (colour, _, _) in styles.items():
-                part = bars[bars.method == method]
+                part = bars[curve_of(bars) == method]
                 if not part.empty:
                     ax.errorbar(part[x], part[y], yerr=[(part[y] - part.y_lo).clip(lower=0),
                                                         (part.y_hi - part[y]).clip(lower=0)],
@@ -207,7 +239,7 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
             ax.scatter(front[x], front[y], s=260, color="gold", alpha=0.6, lw=0, zorder=1)
             full = sub[sub.role == "reference"]
             for method, (colour, marker, role) in styles.items():
-                curve = sub[sub.method == method]
+                curve = sub[curve_of(sub) == method]
                 if curve.empty or role == "reference":
                     continue
                 if role == "fewer-steps" and not higher_is_better:  # fewer steps start from the full model
@@ -215,7 +247,8 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
                 curve = curve.sort_values(x)
                 ax.plot(curve[x], curve[y], color=colour, marker=marker, ms=6, lw=1.6, zorder=3,
                         ls="--" if role == "fewer-steps" else "-")
-                for _, p in curve[(curve.method == method) & (curve.label != method)].iterrows():
+                tuned = curve.label.str.contains("@", regex=False)  # a front's points are too many to name
+                for _, p in curve[(curve_of(curve) == method) & (curve.label != method) & ~tuned].iterrows():
                     ax.annotate(p.label, (p[x], p[y]), xytext=(4, 3), textcoords="offset points", fontsize=7,
                                 color="0.3")
             others = sub[sub.role != "reference"]
@@ -270,7 +303,7 @@ def token_fraction_figure(table: pd.DataFrame, runs: dict, styles: dict, out) ->
     for r, (model, sampler) in enumerate(combos):
         for c, method in enumerate(methods):
             ax = axes[r, c]
-            sub = table[(table.model == model) & (table.sampler == sampler) & (table.method == method)]
+            sub = table[(table.model == model) & (table.sampler == sampler) & (curve_of(table) == method)]
             full = table[(table.model == model) & (table.sampler == sampler) & (table.role == "reference")]
             if not full.empty:
                 label = full.label.iloc[0]
@@ -323,6 +356,92 @@ def calibration_figure(files: list[str], out) -> None:
     save_atomic(fig, out)
 
 
+NO_TUNING = "no tuned runs: set `tuning:` in the config"
+FRONT_COLUMNS = ["model", "sampler", "family", "label", "macs_speedup", "psnr_to_full", "front"]
+
+
+def front_points(front: dict) -> pd.DataFrame:
+    """Every tuned point of one front.json (one model and sampler), by family, with a finite speed-up and PSNR."""
+    rows = [{"model": front["model"], "sampler": front["sampler"], "family": family, "label": p["label"],
+             "macs_speedup": p["macs_speedup"], "psnr_to_full": p["psnr_to_full"], "front": bool(p.get("front"))}
+            for family, entry in sorted(front.get("methods", {}).items()) for p in entry.get("points", [])]
+    points = pd.DataFrame(rows, columns=FRONT_COLUMNS)
+    finite = np.isfinite(points.macs_speedup.astype(float)) & np.isfinite(points.psnr_to_full.astype(float))
+    return points[finite]
+
+
+def family_colours(families) -> dict:
+    """Family → colour, the same in every panel (sorted names): the colour-blind palette up to ten
+    families, beyond that tab20's pairs, so that no two lines share a colour (markers differ too)."""
+    names = sorted(set(families))
+    palette = "colorblind" if len(names) <= 10 else "tab20"
+    return dict(zip(names, sns.color_palette(palette, n_colors=max(1, len(names)))))
+
+
+def family_marker(family: str, colours: dict) -> str:
+    """A marker per family (in the colours' order), a second cue where colours are close."""
+    return MARKERS[list(colours).index(family) % len(MARKERS)]
+
+
+def tuning_title(fronts: list[dict]) -> str:
+    """The figure's title: these are the tuning seeds' samples, not the evaluation's."""
+    seeds = ", ".join(str(s) for s in sorted({f.get("seed") for f in fronts}, key=str))
+    samples = ", ".join(str(n) for n in sorted({f.get("num_samples") for f in fronts}, key=str))
+    return (f"tuning seed {seeds}, {samples} samples: every point of each search space; "
+            f"lines: each method's non-dominated points")
+
+
+def tuning_panel(ax, points: pd.DataFrame, colours: dict) -> None:
+    """One model and sampler: each family's points faint, its front points joined by a solid line."""
+    for family, part in points.groupby("family", sort=True):
+        colour = colours[family]
+        ax.scatter(part.macs_speedup, part.psnr_to_full, s=14, color=colour, alpha=0.25, lw=0, zorder=2)
+        line = part[part.front].sort_values(["macs_speedup", "psnr_to_full"])
+        ax.plot(line.macs_speedup, line.psnr_to_full, color=colour, marker=family_marker(family, colours), ms=5,
+                lw=1.6, ls="-", zorder=3)
+    log_axis(ax.xaxis, ax.set_xscale, points.macs_speedup, "×")
+    ax.set_xlabel("speed-up in MACs per image (log scale)")
+    ax.set_ylabel("PSNR to full on the tuning seed, dB")
+
+
+def tuning_figure(front_files, out) -> pd.DataFrame:
+    """The tuning stage's view, one panel per model and sampler, from each ``front.json``.
+
+    x = MACs speed-up, y = PSNR to the uncached images, both on the tuning seeds: every point of
+    every family's search space faint (what was tried), each family's non-dominated points joined
+    by a solid line in its colour (what was then evaluated). Without front files the figure says
+    so (the workflow may ask for it before any family is tuned). Returns the points drawn.
+    """
+    fronts = [json.loads(Path(path).read_text()) for path in front_files]
+    points = pd.concat([front_points(f) for f in fronts]) if fronts else pd.DataFrame(columns=FRONT_COLUMNS)
+    if points.empty:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, NO_TUNING, ha="center", va="center", transform=ax.transAxes)
+        save_atomic(fig, out)
+        return points
+    colours = family_colours(points.family)
+    models, samplers = panels(points)
+    fig, axes = plt.subplots(len(models), len(samplers), figsize=(5.6 * len(samplers) + 3, 4.4 * len(models)),
+                             squeeze=False, constrained_layout=True)
+    for r, model in enumerate(models):
+        for c, sampler in enumerate(samplers):
+            ax = axes[r, c]
+            sub = points[(points.model == model) & (points.sampler == sampler)]
+            if sub.empty:
+                ax.set_axis_off()
+                continue
+            tuning_panel(ax, sub, colours)
+            ax.set_title(f"{model} · {sampler}")
+    handles = [Line2D([], [], color=colour, marker=family_marker(family, colours), ms=5, lw=1.6, label=family)
+               for family, colour in colours.items()]
+    handles.append(Line2D([], [], color="0.3", marker="o", ms=4, ls="none", alpha=0.25, label="every tuned point"))
+    fig.legend(handles=handles, loc="outside right center", title="family", frameon=False)
+    fig.suptitle(tuning_title(fronts), fontsize=13)
+    save_atomic(fig, out)
+    return points
+
+
 def with_latency(table: pd.DataFrame, latency_csv) -> pd.DataFrame:
     """The main table with the measured ``speedup`` of each row from ``latency.csv`` (tables.py)."""
     latency = pd.read_csv(latency_csv).rename(columns={"method": "label"})[["model", "sampler", "label", "speedup"]]
@@ -335,11 +454,12 @@ def with_latency(table: pd.DataFrame, latency_csv) -> pd.DataFrame:
     return merged
 
 
-def main(table_csv, run_paths, calibrations, out: dict, latency_csv=None, banner: str = "") -> dict:
+def main(table_csv, run_paths, calibrations, out: dict, latency_csv=None, banner: str = "", fronts=None) -> dict:
     """Every figure named in ``out`` (name → path); returns each speed/quality figure's points.
 
     ``pareto_latency`` needs ``latency_csv`` (the measured speed-ups, kept out of the main table);
-    ``banner`` becomes every figure's first title line."""
+    ``tuning`` draws the tuning stage's ``fronts`` (front.json files); ``banner`` becomes every
+    figure's first title line."""
     global BANNER
     BANNER = banner
     sns.set_theme(context="notebook", style="whitegrid", font_scale=1.0)
@@ -368,10 +488,12 @@ def main(table_csv, run_paths, calibrations, out: dict, latency_csv=None, banner
     token_fraction_figure(table, runs, styles, out["token_fraction"])
     if "calibration" in out:
         calibration_figure(list(calibrations), out["calibration"])
+    if "tuning" in out:
+        data["tuning"] = tuning_figure(list(fronts or []), out["tuning"])
     return data
 
 
 if __name__ == "__main__" and "snakemake" in globals():
     sm = snakemake  # noqa: F821
-    main(sm.input.table, sm.input.runs, sm.input.calibrations, {name: path for name, path in sm.output.items()},
-         latency_csv=sm.input.latency, banner=sm.params.get("banner", ""))
+    main(sm.input.table, [*sm.input.runs, *sm.input.get("tuned_runs", [])], sm.input.calibrations, {name: path for name, path in sm.output.items()},
+         latency_csv=sm.input.latency, banner=sm.params.get("banner", ""), fronts=sm.input.get("fronts", []))

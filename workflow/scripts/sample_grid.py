@@ -45,4 +45,5 @@ def main(paths, png, n, banner: str = ""):
 
 
 if __name__ == "__main__" and "snakemake" in globals():
-    main(snakemake.input.npz, snakemake.output.png, int(snakemake.params.n), snakemake.params.get("banner", ""))  # noqa: F821
+    main([*snakemake.input.npz, *snakemake.input.get("tuned_npz", [])], snakemake.output.png,  # noqa: F821
+         int(snakemake.params.n), snakemake.params.get("banner", ""))  # noqa: F821

@@ -3,8 +3,8 @@
 #
 #   workflow/scripts/stage_times.sh NAME [KEY=VALUE …]      (config keys, e.g. threads=2)
 #
-# runs the workflow into results/NAME stage by stage (calibration, sampling, evaluation, then
-# tables/plots/report) and prints, per stage, user+system CPU-seconds and wall-clock seconds. CPU
+# runs the workflow into results/NAME stage by stage (calibration, tuning, sampling, evaluation,
+# then tables/plots/report) and prints, per stage, user+system CPU-seconds and wall-clock seconds. CPU
 # time is the figure to compare on a shared machine; wall time only on an idle one. Environment
 # variables (ATEN_CPU_CAPABILITY, …) pass through to every job.
 set -euo pipefail
@@ -22,6 +22,7 @@ stage() {
 }
 extra=("$@")
 stage calibration false --until calibrate
+stage tuning false --until select_front
 stage sampling false --until merge_shards
 stage evaluation false --until evaluate
 stage report true

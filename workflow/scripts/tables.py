@@ -12,7 +12,7 @@
   testbed none match and the columns stay empty; published numbers appear only in columns
   labelled "reported", never mixed with ours).
 * ``ablation.{csv,md}``: the runs of the method whose variants the config's ``ablation:`` labels
-  are, in every (model, sampler) that has ablation runs: what each label varies, one column per
+  are, in every (model, sampler) that has ablation runs (tuned points aside): what each label varies, one column per
   resolved setting that differs between those runs (as the runs recorded them), then MACs
   speed-up, FID, sFID and PSNR to the reference; a one-line table saying so when the config has
   no ablation runs.
@@ -302,8 +302,8 @@ def ablation_table(table: pd.DataFrame, runs: list[str], labels: list[str]) -> p
     method = next(run["cache"]["method"] for (m, s, label), run in by_key.items() if label in labels)
     rows, settings = [], []
     for (model, sampler, label), run in sorted(by_key.items()):
-        if (model, sampler) not in scopes or run["cache"]["method"] != method:
-            continue
+        if (model, sampler) not in scopes or run["cache"]["method"] != method or "@" in label:
+            continue  # (a tuned point, FAMILY@k=v, belongs to the budget tables)
         file_param = run["cache"].get("calibration_param")
         requested = run["request"].get("method_params", {})
         varied = ", ".join(f"{k}={v}" for k, v in requested.items() if k != file_param) or "default"
@@ -361,6 +361,7 @@ def main(metrics, runs, reported_path, ablation_labels, out, banner: str = "") -
 
 if __name__ == "__main__" and "snakemake" in globals():
     sm = snakemake  # noqa: F821
-    main(sm.input.metrics, sm.input.runs, sm.input.reported, sm.params.ablation_labels,
+    main([*sm.input.metrics, *sm.input.get("tuned_metrics", [])], [*sm.input.runs, *sm.input.get("tuned_runs", [])],
+         sm.input.reported, sm.params.ablation_labels,
          {name: getattr(sm.output, name) for name in ("csv", "md", "tex", "ablation_csv", "ablation_md", "latency_csv",
                                                       "latency_md")}, banner=sm.params.get("banner", ""))
