@@ -23,7 +23,9 @@ from tokencache.results import (
 from tokencache.weights import shipped_path
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "results" / "digits"
+#: the committed results of the default config (tuned) and of config/testbed-full.yaml (the hand-picked grid)
+DEFAULT, FULL_GRID = ROOT / "results" / "digits", ROOT / "results" / "digits-full"
+DIGITS = FULL_GRID
 RUN = DIGITS / "runs" / "DiT-digits" / "ddim20" / "l2c"
 
 
@@ -102,36 +104,61 @@ def test_a_shell_jobs_record_is_split_in_place(tmp_path):
         split_main([str(tmp_path / "nothing.json"), str(tmp_path)])
 
 
-def test_committed_results_hold_nothing_volatile():
-    """results/digits in the new layout: every run has its provenance beside it, and no deterministic
-    file holds a machine, a time, a commit or an absolute path."""
-    files = result_files(DIGITS)
+@pytest.mark.parametrize("folder, config", [(DEFAULT, "config.yaml"), (FULL_GRID, "testbed-full.yaml")])
+def test_committed_results_hold_nothing_volatile(folder, config):
+    """The committed results in the new layout: one run per configured label and tuned front point,
+    every run with its provenance beside it, and no deterministic file holding a machine, a time, a
+    commit or an absolute path."""
+    files = result_files(folder)
     runs = [f for f in files if f.endswith("/run.json")]
-    assert len(runs) == testbed_run_count()
+    assert len(runs) == configured_run_count(ROOT / "config" / config) + len(evaluated_points(folder))
     for run in runs:
-        assert provenance_path(DIGITS / run).is_file() and provenance_path(DIGITS / run.replace("run.json",
+        assert provenance_path(folder / run).is_file() and provenance_path(folder / run.replace("run.json",
                                                                                                  "metrics.json")).is_file()
-    for name in deterministic_files(DIGITS):
+    for name in deterministic_files(folder):
         if name.endswith((".json", ".jsonl", ".csv", ".md", ".tex")):
-            text = (DIGITS / name).read_text()
+            text = (folder / name).read_text()
             for word in ('"seconds"', "load_average", "git_commit", "cpu_model", '"provenance"', str(ROOT),
-                         "results/digits", "latency_s_per_image"):
+                         f"results/{folder.name}", "latency_s_per_image"):
                 assert word not in text, (name, word)
-    latency = pd.read_csv(DIGITS / "tables" / "latency.csv")
+    latency = pd.read_csv(folder / "tables" / "latency.csv")
     assert len(latency) == len(runs) and latency.seconds.gt(0).all()
 
 
-def testbed_run_count() -> int:
-    """Runs the default config asks for: every method label on every backbone and sampler it allows."""
+def configured_run_count(config_path) -> int:
+    """Runs a config's ``methods`` ask for: every label on every backbone and sampler it allows."""
     import yaml
 
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config = yaml.safe_load(Path(config_path).read_text())
     count = 0
     for entry in config["methods"].values():
         models = entry.get("models", list(config["backbones"]))
         samplers = entry.get("samplers", list(config["samplers"]))
         count += len(models) * len(samplers)
     return count
+
+
+def evaluated_points(folder) -> list[str]:
+    """The tuned points a results folder's front files chose for evaluation."""
+    labels = []
+    for front in sorted(Path(folder).glob("tuning/*/*/front.json")):
+        record = json.loads(front.read_text())
+        labels += [p["label"] for family in record["methods"].values() for p in family["points"] if p["evaluate"]]
+    return labels
+
+
+def test_default_results_evaluate_only_what_the_tuning_chose():
+    """results/digits: the tuned runs are exactly the front points chosen on the tuning seed, and the
+    tuning seed is neither the evaluation seed nor a calibration seed of the default config."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    tuned = {p.parent.name for p in DEFAULT.glob("runs/*/*/*@*/run.json")}
+    assert tuned and tuned == set(evaluated_points(DEFAULT))
+    seed = config["tuning"]["seed"]
+    assert seed != config["seed"] and seed not in {c.get("seed") for c in config["calibration"].values()}
+    for front in DEFAULT.glob("tuning/*/*/front.json"):
+        assert json.loads(front.read_text())["seed"] == seed
 
 
 def folders(tmp_path):

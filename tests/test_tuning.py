@@ -159,14 +159,15 @@ def test_equal_scores_are_one_point_on_the_front():
 
 
 def test_budget_selection_picks_what_a_budget_can_choose():
-    """Per speed-up budget the best-PSNR front point at or above it; per PSNR budget the fastest meeting it."""
+    """Per speed-up budget the best-PSNR front point at or above it."""
     from tokencache.tuning import evaluated_points, mark_front
 
     points = _points([(1.2, 40.0), (1.6, 36.0), (2.1, 31.0), (2.6, 29.0), (3.5, 20.0), (1.1, 39.0)])
     mark_front(points)
     assert [p["front"] for p in points] == [True, True, True, True, True, False]
-    assert evaluated_points(points, "front", [], []) == ["m@k=0", "m@k=1", "m@k=2", "m@k=3", "m@k=4"]
-    # ≥1.5: k=1 (36 dB); ≥2: k=2; ≥3: k=4; ≥4: none; PSNR ≥ 30: k=2 (fastest); ≥ 35: k=1
-    assert evaluated_points(points, "budgets", [1.5, 2, 3, 4], [30, 35]) == ["m@k=1", "m@k=2", "m@k=4"]
+    assert evaluated_points(points, "front", []) == ["m@k=0", "m@k=1", "m@k=2", "m@k=3", "m@k=4"]
+    # ≥1.5: k=1 (36 dB); ≥2: k=2 (31 dB); ≥3: k=4; ≥4: none
+    assert evaluated_points(points, "budgets", [1.5, 2, 3, 4]) == ["m@k=1", "m@k=2", "m@k=4"]
+    assert evaluated_points(points, "budgets", [1.0]) == ["m@k=0"]
     with pytest.raises(ValueError, match="tuning.evaluate"):
-        evaluated_points(points, "all", [], [])
+        evaluated_points(points, "all", [])

@@ -178,13 +178,12 @@ def mark_front(points: list[dict]) -> None:
 EVALUATE_CHOICES = ("front", "budgets")
 
 
-def evaluated_points(points: list[dict], evaluate: str, budgets, psnr_budgets) -> list[str]:
+def evaluated_points(points: list[dict], evaluate: str, budgets) -> list[str]:
     """Labels of a family's front points to evaluate.
 
     ``front``: every non-dominated point. ``budgets``: only the ones a budget table can pick, as
-    judged on the tuning seed: for each MACs speed-up budget the front point with the best PSNR
-    at or above it, and for each PSNR budget the fastest front point that meets it. The choice
-    still reads nothing but the tuning scores.
+    judged on the tuning seed: for each MACs speed-up budget, the front point with the best PSNR
+    at or above it. The choice still reads nothing but the tuning scores.
     """
     if evaluate not in EVALUATE_CHOICES:
         raise ValueError(f"tuning.evaluate: {evaluate!r} is not one of {', '.join(EVALUATE_CHOICES)}")
@@ -196,14 +195,10 @@ def evaluated_points(points: list[dict], evaluate: str, budgets, psnr_budgets) -
         fast = [p for p in front if p["macs_speedup"] >= budget]
         if fast:
             chosen.add(max(fast, key=lambda p: p["psnr_to_full"])["label"])
-    for budget in psnr_budgets:
-        good = [p for p in front if p["psnr_to_full"] >= budget]
-        if good:
-            chosen.add(max(good, key=lambda p: p["macs_speedup"])["label"])
     return [p["label"] for p in front if p["label"] in chosen]
 
 
-def front_record(records: list[dict], evaluate: str = "front", budgets=(), psnr_budgets=()) -> dict:
+def front_record(records: list[dict], evaluate: str = "front", budgets=()) -> dict:
     """One (model, sampler)'s front file from its families' tuning records: every point, with
     ``front`` (non-dominated on the tuning seed) and ``evaluate`` (sampled and evaluated on the
     evaluation seed, :func:`evaluated_points`). Families keep their records' order (the config's)."""
@@ -220,11 +215,11 @@ def front_record(records: list[dict], evaluate: str = "front", budgets=(), psnr_
     for record in records:
         points = [dict(p) for p in record["points"]]
         mark_front(points)  # from the scores alone, whichever tokencache wrote the record
-        chosen = evaluated_points(points, evaluate, budgets, psnr_budgets)
+        chosen = evaluated_points(points, evaluate, budgets)
         points = [{**p, "evaluate": p["label"] in chosen} for p in points]
         methods[record["family"]] = {"method": record["method"], "base": record["base"], "points": points}
     return {**{k: first[k] for k in shared}, "objectives": list(OBJECTIVES),
-            "selection": {"evaluate": evaluate, "budgets": list(budgets), "psnr_budgets": list(psnr_budgets)},
+            "selection": {"evaluate": evaluate, "budgets": list(budgets)},
             "methods": methods}
 
 

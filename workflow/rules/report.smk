@@ -51,7 +51,7 @@ if TUNING:
             headline=budget_outputs()["headline"],
         params:
             budgets=FRONT_SELECTION["budgets"],
-            psnr_budgets=FRONT_SELECTION["psnr_budgets"],
+            psnr_budgets=TUNING.get("psnr_budgets", [30, 35]),
             fid_budget=TUNING.get("fid_budget", 0.5),
             banner=STAND_IN_BANNER,
         log:
@@ -103,3 +103,18 @@ rule sample_grid:
         f"{RESULTS}/logs/sample_grid.log",
     script:
         "../scripts/sample_grid.py"
+
+
+# Targets of a stage, for `snakemake sampled` / `snakemake evaluated` (workflow/scripts/stage_times.sh):
+# every configured run and every tuned front point (which `--until` would not reach: the tables ask
+# for them through the fronts)
+rule sampled:
+    input:
+        [f"{d}/run.json" for d in run_dirs()],
+        lambda w: [f"{d}/run.json" for d in tuned_run_dirs()],
+
+
+rule evaluated:
+    input:
+        [f"{d}/metrics.json" for d in run_dirs()],
+        lambda w: [f"{d}/metrics.json" for d in tuned_run_dirs()],

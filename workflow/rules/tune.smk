@@ -121,9 +121,7 @@ rule tune:
 
 
 #: which front points are evaluated (tokencache.tuning.evaluated_points): all, or those a budget can pick
-FRONT_SELECTION = {"evaluate": TUNING.get("evaluate", "budgets"),
-                   "budgets": TUNING.get("budgets", [1.5, 2, 2.5, 3, 4]),
-                   "psnr_budgets": TUNING.get("psnr_budgets", [30, 35])}
+FRONT_SELECTION = {"evaluate": TUNING.get("evaluate", "budgets"), "budgets": TUNING.get("budgets", [1.5, 2, 2.5, 3, 4])}
 
 
 checkpoint select_front:

@@ -23,8 +23,8 @@ stage() {
 extra=("$@")
 stage calibration false --until calibrate
 stage tuning false --until select_front
-stage sampling false --until merge_shards
-stage evaluation false --until evaluate
+stage sampling false sampled
+stage evaluation false evaluated
 stage report true
 awk '{cpu = $2 + $3; total += cpu; wall += $4; printf "%-12s %8.1f CPU-s %8.1f s wall\n", $1, cpu, $4}
      END {printf "%-12s %8.1f CPU-s %8.1f s wall\n", "total", total, wall}' "$log"
