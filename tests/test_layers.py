@@ -24,7 +24,7 @@ LAYERS = (
     ("cache",),  # the engine, the method API, calibration
     ("metrics",),  # MACs, latency, FID & co. (they attach methods to time and count them)
     ("baselines",),  # the built-in methods: the cache API, plus the metrics' MAC formulas for their overheads
-    ("run", "train", "standins", "compare", "results"),  # jobs: sampling, training, stand-ins, results folders
+    ("run", "tuning", "train", "standins", "compare", "results"),  # jobs: sampling, tuning, training, stand-ins, results
     ("cli", "__main__", "_allocator"),  # the command line
 )
 

@@ -171,3 +171,21 @@ def test_budget_selection_picks_what_a_budget_can_choose():
     assert evaluated_points(points, "budgets", [1.0]) == ["m@k=0"]
     with pytest.raises(ValueError, match="tuning.evaluate"):
         evaluated_points(points, "all", [])
+
+
+def test_points_a_sampler_cannot_run_are_skipped_and_recorded(tmp_path):
+    """Fewer steps than a sampler allows is no point of that sampler's space: skipped, with the reason."""
+    from tokencache.cli import main
+    from tokencache.weights import shipped_path
+
+    common = ["--checkpoint", str(shipped_path("DiT-digits")), "--sampler", "ddim3", "--cfg-scale", "3.0",
+              "--clip-denoised", "--seed", "2000", "--num-samples", "2", "--batch-size", "2", "--device", "cpu",
+              "--threads", "1", "--quiet"]
+    assert main(["sample", *common, "--out", str(tmp_path / "full.npz")]) == 0
+    assert main(["tune", *common, "--method", "steps", "--reference", str(tmp_path / "full.npz"),
+                 "--out", str(tmp_path / "steps.json")]) == 0
+    record = json.loads((tmp_path / "steps.json").read_text())
+    kept = [p["params"]["fraction"] for p in record["points"]]
+    skipped = {s["label"]: s["reason"] for s in record.get("skipped", [])}
+    assert len(kept) + len(skipped) == len(search_points("steps")) and kept
+    assert all("step" in reason for reason in skipped.values())

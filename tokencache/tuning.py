@@ -102,10 +102,14 @@ def tune(request, reference: str, family: str, progress: bool = True) -> tuple[d
     from tokencache.sampling import parse_sampler
 
     get_method(request.method, **request.method_params)  # a bad base setting fails before any sampling
-    parse_sampler(request.sampler)
-    points = tuning_points(request.method, request.method_params)
-    for point in points:
-        get_method(request.method, **{**request.method_params, **point})
+    sampler = parse_sampler(request.sampler)
+    points, skipped = [], []
+    for point in tuning_points(request.method, request.method_params):
+        try:  # a point this sampler cannot run (e.g. fewer steps than it allows) is not in its space
+            get_method(request.method, **{**request.method_params, **point}).transform_sampler(sampler)
+            points.append(point)
+        except ValueError as exc:
+            skipped.append({"label": point_label(family, point), "reason": str(exc)})
     reference_json = json.loads(Path(reference).with_suffix(".json").read_text())
     checkpoint_sha256 = sha256_of(request.checkpoint)
     check_reference(reference_json, asdict(request), checkpoint_sha256, reference)
@@ -139,7 +143,7 @@ def tune(request, reference: str, family: str, progress: bool = True) -> tuple[d
     record = {"family": family, "method": request.method, "base": base, "model": model.config["name"],
               "sampler": request.sampler, "seed": request.seed, "start_index": request.start_index,
               "num_samples": request.num_samples, "checkpoint_sha256": checkpoint_sha256,
-              "objectives": list(OBJECTIVES), "points": scored}
+              "objectives": list(OBJECTIVES), "points": scored, **({"skipped": skipped} if skipped else {})}
     volatile = {"seconds": seconds, "request": asdict(request), "reference": str(reference),
                 "provenance": provenance(str(device))}
     return record, volatile

@@ -215,6 +215,12 @@ def spec_of(entry):
     return name, {**given, **{k: v for k, v in params.items() if k not in files}, **files}
 
 
+def config_entries():
+    """(where in the config, entry) of every ``methods:`` label and ``tuning.methods:`` family."""
+    return ([(f"methods.{label}", spec) for label, spec in METHODS.items()]
+            + [(f"tuning.methods.{family}", spec) for family, spec in FAMILIES.items()])
+
+
 def method_entry(label):
     """The config entry of run ``label``: a ``methods:`` label, or a tuned point of a ``tuning.methods`` family."""
     if label in METHODS:
@@ -268,9 +274,7 @@ def check_methods():
     if "full" not in METHODS or method_of("full")[0] != reference:
         raise ValueError(f"config: methods must contain `full: {{method: {reference}}}` (every method's fidelity "
                          "reference)")
-    entries = [(f"methods.{label}", spec) for label, spec in METHODS.items()]
-    entries += [(f"tuning.methods.{family}", spec) for family, spec in FAMILIES.items()]
-    for where, spec in entries:
+    for where, spec in config_entries():
         for key, known in (("models", BACKBONES), ("samplers", SAMPLERS)):
             unknown = sorted(set(spec.get(key, known)) - set(known))
             if unknown:
@@ -329,9 +333,7 @@ def check_backbones_and_samplers():
             parse_sampler(sampler)
         except ValueError as exc:
             raise ValueError(f"config: samplers.{sampler}: {exc}") from None
-    entries = [(f"methods.{label}", spec) for label, spec in METHODS.items()]
-    entries += [(f"tuning.methods.{family}", spec) for family, spec in FAMILIES.items()]
-    for where, spec in entries:
+    for where, spec in config_entries():
         name, params = spec_of(spec)
         method = get_method(name, **{k: ("<made by the workflow>" if v == "auto" else v) for k, v in params.items()})
         for sampler in spec.get("samplers", SAMPLERS):

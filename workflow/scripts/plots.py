@@ -51,6 +51,8 @@ ROLE_COLOURS = {"reference": "black", "fewer-steps": "0.45"}
 ROLE_LEGEND = {"reference": "(no caching)", "fewer-steps": "(fewer sampling steps)"}
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">"]
+#: legend entries one column holds beside a row of panels before it reaches the title
+LEGEND_ROWS = 14
 
 
 #: a first title line on every figure (a rehearsal's "stand-in weights" line; main() sets it)
@@ -126,7 +128,10 @@ def method_styles(table: pd.DataFrame) -> dict:
     roles = dict(zip(curve_of(table), table.role))
     first = [m for role in FIRST_ROLES for m in sorted(roles) if roles[m] == role]
     ordered = first + sorted(set(roles) - set(first))
-    palette = iter(sns.color_palette("colorblind", n_colors=max(1, len(ordered))))
+    coloured = [m for m in ordered if roles[m] not in ROLE_COLOURS]
+    # the colour-blind palette has ten colours: beyond that, tab20's pairs, so that no two curves share one
+    name = "colorblind" if len(coloured) <= 10 else "tab20"
+    palette = iter(sns.color_palette(name, n_colors=max(1, len(coloured))))
     styles = {}
     for i, method in enumerate(ordered):
         colour = ROLE_COLOURS.get(roles[method]) or next(palette)
@@ -215,8 +220,9 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
     table = plot_points(table, x, y)
     drawn = []
     models, samplers = panels(table)
-    fig, axes = plt.subplots(len(models), len(samplers), figsize=(5.6 * len(samplers) + 3, 4.4 * len(models)),
-                             squeeze=False, constrained_layout=True)
+    legend_columns = 2 if len(styles) + 2 > LEGEND_ROWS else 1  # one column taller than the panels overlaps the title
+    fig, axes = plt.subplots(len(models), len(samplers), squeeze=False, constrained_layout=True,
+                             figsize=(5.6 * len(samplers) + 3 * legend_columns, max(4.4 * len(models), 5.5)))
     for r, model in enumerate(models):
         for c, sampler in enumerate(samplers):
             ax = axes[r, c]
@@ -281,7 +287,7 @@ def speed_quality_figure(table: pd.DataFrame, styles: dict, x: str, xlabel: str,
     handles.append(Line2D([], [], color="0.4", marker="|", ms=10, ls="none",
                           label="95% interval (paired with the reference)" if f"d_{y}_lo" in table
                           else "95% interval"))
-    fig.legend(handles=handles, loc="outside right center", title="method", frameon=False)
+    fig.legend(handles=handles, loc="outside right center", title="method", frameon=False, ncols=legend_columns)
     fig.suptitle(title, fontsize=14)
     save_atomic(fig, out)
     return pd.concat(drawn) if drawn else table.iloc[0:0]
