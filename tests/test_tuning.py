@@ -189,3 +189,25 @@ def test_points_a_sampler_cannot_run_are_skipped_and_recorded(tmp_path):
     skipped = {s["label"]: s["reason"] for s in record.get("skipped", [])}
     assert len(kept) + len(skipped) == len(search_points("steps")) and kept
     assert all("step" in reason for reason in skipped.values())
+
+
+def test_points_a_model_cannot_run_are_skipped_and_recorded(tmp_path):
+    """DeepCache keeping 2 shallow blocks at each end of a 3-block model caches nothing: those points are skipped."""
+    from tokencache.cli import main
+    from tokencache.models.registry import create_model
+    import torch
+
+    torch.manual_seed(0)
+    model = create_model("DiT-digits", depth=3)
+    checkpoint = tmp_path / "three_blocks.pt"
+    torch.save({"model": model.state_dict(), "args": {"model_config": model.config}}, checkpoint)
+    common = ["--checkpoint", str(checkpoint), "--sampler", "ddim4", "--cfg-scale", "3.0", "--clip-denoised",
+              "--seed", "2000", "--num-samples", "2", "--batch-size", "2", "--device", "cpu", "--threads", "1",
+              "--quiet"]
+    assert main(["sample", *common, "--out", str(tmp_path / "full.npz")]) == 0
+    assert main(["tune", *common, "--method", "deepcache", "--reference", str(tmp_path / "full.npz"),
+                 "--out", str(tmp_path / "deepcache.json")]) == 0
+    record = json.loads((tmp_path / "deepcache.json").read_text())
+    assert {p["params"]["shallow_blocks"] for p in record["points"]} == {1}
+    assert [s["label"] for s in record["skipped"]] == [f"deepcache@interval={n},shallow_blocks=2" for n in (2, 3, 4, 5)]
+    assert all("shallow_blocks" in s["reason"] for s in record["skipped"])

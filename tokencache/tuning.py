@@ -102,14 +102,7 @@ def tune(request, reference: str, family: str, progress: bool = True) -> tuple[d
     from tokencache.sampling import parse_sampler
 
     get_method(request.method, **request.method_params)  # a bad base setting fails before any sampling
-    sampler = parse_sampler(request.sampler)
-    points, skipped = [], []
-    for point in tuning_points(request.method, request.method_params):
-        try:  # a point this sampler cannot run (e.g. fewer steps than it allows) is not in its space
-            get_method(request.method, **{**request.method_params, **point}).transform_sampler(sampler)
-            points.append(point)
-        except ValueError as exc:
-            skipped.append({"label": point_label(family, point), "reason": str(exc)})
+    parse_sampler(request.sampler)
     reference_json = json.loads(Path(reference).with_suffix(".json").read_text())
     checkpoint_sha256 = sha256_of(request.checkpoint)
     check_reference(reference_json, asdict(request), checkpoint_sha256, reference)
@@ -117,6 +110,7 @@ def tune(request, reference: str, family: str, progress: bool = True) -> tuple[d
 
     device = resolve_device(request.device)
     model = build_model(request.checkpoint, request.model, request.overrides).to(device)
+    points, skipped = runnable_points(model, request, family)
     vae = load_vae(request.vae, device) if model.in_channels == 4 else None
     cfg = cfg_rows_per_image(model.config["family"], request.cfg_scale) == 2
     file_param = getattr(type(get_method(request.method, **request.method_params)).calibration, "file_param", None)
@@ -147,6 +141,23 @@ def tune(request, reference: str, family: str, progress: bool = True) -> tuple[d
     volatile = {"seconds": seconds, "request": asdict(request), "reference": str(reference),
                 "provenance": provenance(str(device))}
     return record, volatile
+
+
+def runnable_points(model, request, family: str) -> tuple[list[dict], list[dict]]:
+    """(points, skipped): the search space's points this model and sampler can run, and the others
+    with the method's reason (fewer steps than the sampler allows, more shallow blocks than the model
+    has). A method plans when it is attached, so each point is attached once, before any sampling."""
+    from tokencache.cache import attach
+
+    points, skipped = [], []
+    for point in tuning_points(request.method, request.method_params):
+        try:
+            with attach(model, request.method, request.sampler, **{**request.method_params, **point}):
+                pass
+            points.append(point)
+        except ValueError as exc:
+            skipped.append({"label": point_label(family, point), "reason": str(exc)})
+    return points, skipped
 
 
 def pareto_front(scores: list[tuple[float, float]]) -> list[bool]:
