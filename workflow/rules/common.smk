@@ -381,22 +381,31 @@ def vae_inputs(model):
     return [f"{DOWNLOADS}/vae-ema.json"] if path and path.startswith(f"{DOWNLOADS}/") else []
 
 
-def method_inputs(wildcards):
-    """Files a run needs beyond the checkpoint (a calibration for ``FILE: auto``, the VAE)."""
-    calibration = calibration_id(wildcards.method)
+def setting_inputs(name, params, wildcards):
+    """Files a method setting needs beyond the checkpoint (a calibration for ``FILE: auto``, the VAE)."""
+    calibration = spec_calibration_id(name, params)
     made = [calibration_path(calibration, wildcards.model, wildcards.sampler)] if calibration else []
     return made + vae_inputs(wildcards.model)
 
 
-def method_options(wildcards):
-    """``--method NAME:k=v,…`` of a run, with its calibration file where the workflow makes it."""
+def setting_options(name, params, wildcards):
+    """``--method NAME:k=v,…`` of a method setting, with its calibration file where the workflow makes it."""
     from tokencache.cache.registry import method_spec
 
-    name, params = method_of(wildcards.method)
-    calibration = calibration_id(wildcards.method)
+    calibration = spec_calibration_id(name, params)
     if calibration:
-        params[calibration_param(name)] = calibration_path(calibration, wildcards.model, wildcards.sampler)
+        params = {**params, calibration_param(name): calibration_path(calibration, wildcards.model, wildcards.sampler)}
     return f"--method {method_spec(name, params)}"
+
+
+def method_inputs(wildcards):
+    """Files a run needs beyond the checkpoint."""
+    return setting_inputs(*method_of(wildcards.method), wildcards)
+
+
+def method_options(wildcards):
+    """``--method …`` of a run."""
+    return setting_options(*method_of(wildcards.method), wildcards)
 
 
 def torch_threads(n):

@@ -51,21 +51,13 @@ def tuning_path(model, sampler, name):
 
 
 def family_options(wildcards):
-    """``--method NAME:k=v,…`` of a family's base setting, its calibration file where the workflow makes it."""
-    from tokencache.cache.registry import method_spec
-
-    name, params = spec_of(FAMILIES[wildcards.family])
-    calibration = spec_calibration_id(name, params)
-    if calibration:
-        params[calibration_param(name)] = calibration_path(calibration, wildcards.model, wildcards.sampler)
-    return f"--method {method_spec(name, params)}"
+    """``--method …`` of a family's base setting (tokencache tune varies its search space's knobs)."""
+    return setting_options(*spec_of(FAMILIES[wildcards.family]), wildcards)
 
 
 def family_inputs(wildcards):
     """Files a family's tuning needs beyond the checkpoint (its calibration, the VAE)."""
-    calibration = spec_calibration_id(*spec_of(FAMILIES[wildcards.family]))
-    made = [calibration_path(calibration, wildcards.model, wildcards.sampler)] if calibration else []
-    return made + vae_inputs(wildcards.model)
+    return setting_inputs(*spec_of(FAMILIES[wildcards.family]), wildcards)
 
 
 TUNING_SAMPLE_OPTIONS = (f"--seed {TUNING.get('seed', 0)} --num-samples {TUNING.get('num_samples', 1)} "
