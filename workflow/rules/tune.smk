@@ -169,6 +169,8 @@ def grid_front_dirs(wildcards=None):
             front = json.load(f)
         for family in front["methods"].values():
             points = [p for p in family["points"] if p["evaluate"]]
+            if not points:  # no point reaches a budget (or every one was skipped): nothing to show
+                continue
             fast = [p for p in points if p["macs_speedup"] >= GRID_SPEEDUP]
             best = max(fast, key=lambda p: p["psnr_to_full"]) if fast else max(points, key=lambda p: p["macs_speedup"])
             dirs.append(f"{RESULTS}/runs/{m}/{s}/{best['label']}")
