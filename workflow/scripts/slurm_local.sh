@@ -275,6 +275,7 @@ cfg["backbones"] = {backbone: cfg["backbones"][backbone]}
 cfg["samplers"] = {sampler: cfg["samplers"][sampler]}
 cfg["methods"] = {m: {k: v for k, v in methods[m].items() if k not in ("models", "samplers")} for m in labels}
 cfg["ablation"] = [m for m in cfg.get("ablation", []) if m in labels]
+cfg.pop("tuning", None)  # left out: fifteen more sbatch jobs of the same kind as these (its rules have profile entries)
 if str(cfg.get("downloads", "")).startswith("results/"):  # a config's own stand-ins: this run's own copy
     cfg["downloads"] = f"results/{cfg['name']}/downloads"
 if cfg["shard_size"] >= cfg["num_samples"]:  # two shards per run, so that the merge merges
