@@ -233,3 +233,19 @@ def test_compare_missing_folder_is_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nowhere"), str(DIGITS)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is not a folder: give the results folder" in err
+
+
+def test_compare_matches_budget_table_rows_by_their_keys(tmp_path):
+    """The budget tables' rows are matched by model, sampler, criterion, budget and family (a row per
+    family and budget), so a folder agrees with itself and a moved value is found in its row."""
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    shutil.copy(DEFAULT / "tables" / "budgets.csv", a)
+    table = pd.read_csv(a)
+    assert compare_table(a, a)["agree"] and compare_table(a, a)["keys"] == ["model", "sampler", "criterion",
+                                                                           "budget", "family"]
+    i = table.index[(table.verdict == "winner")][0]
+    half = (table.at[i, "value_hi"] - table.at[i, "value_lo"]) / 2
+    table.at[i, "value"] += 3 * half
+    table.to_csv(b, index=False)
+    result = compare_table(a, b)
+    assert not result["agree"] and [c["column"] for c in result["cells"]] == ["value"]

@@ -34,8 +34,8 @@ from typing import Optional
 DEFAULT_TOLERANCE = 0.5
 #: largest relative difference of a number without an interval (MACs, sample counts) for two folders to agree
 DEFAULT_RTOL = 1e-6
-#: columns that identify a row, the first that a table has being used (in this order, all present ones)
-KEY_COLUMNS = ("model", "sampler", "method")
+#: columns that identify a row, all that a table has (the budget tables add criterion, budget, family, quality)
+KEY_COLUMNS = ("model", "sampler", "method", "criterion", "budget", "family", "quality")
 FALLBACK_KEYS = ("setting", "label", "note")
 
 
