@@ -67,3 +67,15 @@ def readme_examples():
         if not path.is_file() or path.read_text() != code:
             path.write_text(code)
     return folder, blocks
+
+
+def workflow_script(name: str):
+    """A module of workflow/scripts/ (they run under Snakemake, and import as plain modules too)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)

@@ -7,14 +7,12 @@ run's own noise: tiny for ``fora`` (its difference from the winner is resolved),
 ``duca`` (its difference contains 0). Expected winners and intervals are computed here by hand.
 """
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 RESAMPLES = 400
 DIGEST = "ab" * 32
 BUDGETS = [1.5, 2, 3, 4]
@@ -33,12 +31,10 @@ RUNS = {
 
 
 def script(name: str):
-    """A module of workflow/scripts/ (they run under Snakemake, and import as plain modules too)."""
-    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+    """A module of workflow/scripts/ (conftest.workflow_script)."""
+    from conftest import workflow_script
+
+    return workflow_script(name)
 
 
 def values_of(label: str) -> dict:

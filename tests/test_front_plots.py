@@ -7,14 +7,12 @@ replaced), so the test reads what was drawn: lines, faint points, labels and leg
 """
 import json
 import math
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
 #: label → (cache method, role, macs_speedup, fid, psnr_to_full)
 RUNS = {
@@ -30,12 +28,10 @@ RUNS = {
 
 
 def script(name: str):
-    """A module of workflow/scripts/ (they run under Snakemake, and import as plain modules too)."""
-    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+    """A module of workflow/scripts/ (conftest.workflow_script)."""
+    from conftest import workflow_script
+
+    return workflow_script(name)
 
 
 @pytest.fixture

@@ -32,12 +32,10 @@ pytestmark = pytest.mark.slow
 
 
 def script(name: str):
-    """A module of workflow/scripts/ (they run under Snakemake, and import as plain modules too)."""
-    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+    """A module of workflow/scripts/ (conftest.workflow_script)."""
+    from conftest import workflow_script
+
+    return workflow_script(name)
 
 
 def snakemake(*args: str, timeout: float = 60, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -431,6 +431,21 @@ def cmd_compare(args) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def add_sampling_arguments(p, num_samples: int) -> None:
+    """The model, sampler, guidance, batch and device options of the commands that sample (sample, tune)."""
+    p.add_argument("--model", default=None, help="preset or family; default: the one recorded in the checkpoint")
+    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE", help="model constructor overrides")
+    p.add_argument("--checkpoint", required=True, help="official .pt or a train-backbone checkpoint")
+    p.add_argument("--sampler", default="ddim50", help="ddpm<N> or ddim<N> (default: ddim50)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--scale-pow", type=float, default=4.0, help="MDT's power-cosine guidance exponent")
+    p.add_argument("--num-samples", type=int, default=num_samples, help=f"samples (default: {num_samples})")
+    p.add_argument("--batch-size", type=int, default=num_samples)
+    p.add_argument("--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)")
+    p.add_argument("--vae", default="ema", help="latent models: ema, mse, or a local AutoencoderKL folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="tokencache", description=__doc__.splitlines()[0] + " See README.md.")
     parser.add_argument("--version", action="version", version=f"tokencache {tokencache.__version__}")
@@ -488,19 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
 
     p = add("sample", cmd_sample, "sample images to an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--model", default=None, help="preset or family; default: the one recorded in the checkpoint")
-    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE", help="model constructor overrides")
-    p.add_argument("--checkpoint", required=True, help="official .pt or a train-backbone checkpoint")
-    p.add_argument("--sampler", default="ddim50", help="ddpm<N> or ddim<N> (default: ddim50)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--scale-pow", type=float, default=4.0, help="MDT's power-cosine guidance exponent")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
+    add_sampling_arguments(p, num_samples=64)
     p.add_argument("--seed", type=int, default=0, help="run seed: sample i's label and noise depend on (seed, i)")
     p.add_argument("--start-index", type=int, default=0, help="first sample index (for shards)")
-    p.add_argument("--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)")
-    p.add_argument("--vae", default="ema", help="latent models: ema, mse, or a local AutoencoderKL folder")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--method", default=None, metavar="NAME[:KEY=VALUE,…]",
                    help="caching method and its parameters, e.g. fora:interval=3 (see `tokencache methods`; "
                         "default: the uncached reference)")
@@ -514,19 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True,
                    help="the uncached model's npz on the same seed, count and sampler (`tokencache sample`)")
     p.add_argument("--label", default=None, help="the family name in the record and in run labels (default: the method)")
-    p.add_argument("--model", default=None, help="preset or family; default: the one recorded in the checkpoint")
-    p.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE", help="model constructor overrides")
-    p.add_argument("--checkpoint", required=True, help="official .pt or a train-backbone checkpoint")
-    p.add_argument("--sampler", default="ddim50", help="ddpm<N> or ddim<N> (default: ddim50)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--scale-pow", type=float, default=4.0, help="MDT's power-cosine guidance exponent")
-    p.add_argument("--num-samples", type=int, default=32, help="tuning samples per point (default: 32)")
-    p.add_argument("--batch-size", type=int, default=32)
+    add_sampling_arguments(p, num_samples=32)
     p.add_argument("--seed", type=int, required=True,
                    help="the tuning seed: keep it apart from the evaluation and calibration seeds")
-    p.add_argument("--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)")
-    p.add_argument("--vae", default="ema", help="latent models: ema, mse, or a local AutoencoderKL folder")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--out", required=True, help="the tuning record (.json; its seconds go to .provenance.json)")
 
     add("methods", cmd_methods, "list the caching methods (built in, plugin folders, entry points) with their parameters")
