@@ -50,10 +50,20 @@ def tuning_points(name: str, fixed: dict) -> list[dict]:
     return points or [{}]
 
 
+#: between a tuned point's family and its knobs in the run label
+POINT_SEPARATOR = "@"
+
+
 def point_label(family: str, point: dict) -> str:
     """``FAMILY@k=v,…``: the run label of a tuned point (the workflow's run folder name)."""
     knobs = ",".join(f"{k}={v}" for k, v in point.items())  # as a method spec writes them: parsed back alike
-    return f"{family}@{knobs or 'configured'}"
+    return f"{family}{POINT_SEPARATOR}{knobs or 'configured'}"
+
+
+def split_label(label: str) -> tuple:
+    """(family, knobs) of a tuned point's run label; (None, None) for any other label (a hand-picked run)."""
+    family, separator, knobs = label.partition(POINT_SEPARATOR)
+    return (family, knobs) if separator else (None, None)
 
 
 def psnr_interval(per_image: np.ndarray) -> list[float]:

@@ -200,8 +200,6 @@ METHODS = config["methods"]
 #: the tuning stage (tune.smk): ``tuning.methods`` are families whose search spaces are tuned
 TUNING = config.get("tuning") or {}
 FAMILIES = TUNING.get("methods", {})
-#: a tuned point's run label: ``FAMILY@k=v,…`` (tokencache.tuning.point_label)
-POINT_SEPARATOR = "@"
 
 
 def spec_of(entry):
@@ -223,10 +221,12 @@ def config_entries():
 
 def method_entry(label):
     """The config entry of run ``label``: a ``methods:`` label, or a tuned point of a ``tuning.methods`` family."""
+    from tokencache.tuning import split_label
+
     if label in METHODS:
         return METHODS[label]
-    family = label.partition(POINT_SEPARATOR)[0]
-    if POINT_SEPARATOR in label and family in FAMILIES:
+    family = split_label(label)[0]  # a tuned point's run label: FAMILY@k=v,… (tokencache.tuning.point_label)
+    if family in FAMILIES:
         return FAMILIES[family]
     raise ValueError(f"run {label!r} is neither a label of methods nor a tuned point of tuning.methods")
 
@@ -237,7 +237,9 @@ def method_of(label):
 
     name, params = spec_of(method_entry(label))
     if label not in METHODS:
-        slug = label.partition(POINT_SEPARATOR)[2]
+        from tokencache.tuning import split_label
+
+        slug = split_label(label)[1]
         if slug != "configured":
             params.update(parse_method_spec(f"{name}:{slug}")[1])
     return name, params

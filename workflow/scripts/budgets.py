@@ -37,7 +37,6 @@ CRITERIA = {"fid": (True, "FID"), "psnr_to_full": (False, "PSNR to full")}
 TOLERANCE = 1e-9
 #: the budget the headline reports (or the nearest one configured)
 HEADLINE_BUDGET = 2.0
-POINT_SEPARATOR = "@"
 NO_TUNED = "no tuned runs: set `tuning:` in the config"
 OUTPUTS = ("csv", "md", "quality_csv", "quality_md", "headline")
 
@@ -67,13 +66,17 @@ def run_key(path) -> tuple[str, str, str]:
 
 
 def family_of(label: str):
-    """The family of a tuned run's label (the text before the first ``@``); None for a hand-picked label."""
-    return label.split(POINT_SEPARATOR, 1)[0] if POINT_SEPARATOR in label else None
+    """The family of a tuned run's label; None for a hand-picked label (tokencache.tuning.split_label)."""
+    from tokencache.tuning import split_label
+
+    return split_label(label)[0]
 
 
 def slug_of(label: str) -> str:
-    """The tuned knobs of a run's label (after the first ``@``), the short name of its setting."""
-    return label.split(POINT_SEPARATOR, 1)[1]
+    """The tuned knobs of a run's label, the short name of its setting."""
+    from tokencache.tuning import split_label
+
+    return split_label(label)[1]
 
 
 def tuned_rows(table: pd.DataFrame) -> pd.DataFrame:

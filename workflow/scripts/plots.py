@@ -95,8 +95,10 @@ def load_points(table_csv, run_paths) -> tuple[pd.DataFrame, dict]:
 
 
 def family_of(label: str):
-    """The family of a tuned run's label ``FAMILY@SLUG`` (text before the first ``@``); None when hand-picked."""
-    return label.split("@", 1)[0] if "@" in label else None
+    """The family of a tuned run's label ``FAMILY@SLUG``; None when hand-picked (tokencache.tuning.split_label)."""
+    from tokencache.tuning import split_label
+
+    return split_label(label)[0]
 
 
 def curve_names(table: pd.DataFrame) -> list[str]:
